@@ -1,0 +1,106 @@
+"""One typed configuration for the whole engine.
+
+Every field can be set three ways, the later winning: its default here, an
+environment variable ``DUPLEX_<FIELD>`` (e.g. ``DUPLEX_CHUNK_MS=80``), and a CLI flag
+``--<field>`` (e.g. ``--chunk-ms 80``). The object is frozen: a session reads it,
+nothing changes it at run time.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Mapping
+
+SAMPLE_RATE = 16000  # the engine's one internal rate: Whisper's, and webrtcvad's
+VAD_FRAME_MS = 20  # webrtcvad takes 10, 20 or 30 ms frames
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You are Duplex, a friendly voice assistant in a spoken conversation. "
+    "Everything you write is read aloud by a speech synthesizer, so talk the way people talk: "
+    "answer in one or two short, plain sentences. "
+    "Never use lists, headings, markdown, code, emoji or symbols. "
+    "If a question needs a long answer, give the gist and offer to say more."
+)
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "duplex"
+
+
+@dataclass(frozen=True)
+class Config:
+    cache_dir: Path = field(default_factory=default_cache_dir, metadata={"help": "model cache directory"})
+    chunk_ms: int = field(default=160, metadata={"help": "engine chunk (clock tick) length, 80-320 ms"})
+    asr_model: str = field(default="tiny.en", metadata={"help": "Whisper model: tiny.en or base"})
+    language: str = field(default="en", metadata={"help": "speech language for the multilingual Whisper"})
+    llm: str = field(default="qwen2.5-0.5b", metadata={"help": "chat LLM: qwen2.5-0.5b or smollm2-135m"})
+    llm_dtype: str = field(default="dual", metadata={"help": "LLM compute: dual (float32 prefill, bf16 decode), bfloat16, float32"})
+    tts: str = field(default="piper", metadata={"help": "TTS backend"})
+    torch_threads: int = field(default=2, metadata={"help": "torch threads for Whisper and the LLM"})
+    tts_threads: int = field(default=1, metadata={"help": "onnxruntime threads for the TTS voice"})
+    vad_aggressiveness: int = field(default=2, metadata={"help": "webrtcvad aggressiveness 0-3"})
+    speech_start_ms: int = field(default=100, metadata={"help": "voiced audio needed to open a user turn"})
+    endpoint_silence_ms: int = field(default=400, metadata={"help": "silence that ends a user turn"})
+    barge_in_ms: int = field(default=300, metadata={"help": "user speech that stops the agent mid-reply"})
+    max_history_turns: int = field(default=8, metadata={"help": "conversation turns kept for the LLM"})
+    max_new_tokens: int = field(default=80, metadata={"help": "longest reply, in LLM tokens"})
+    temperature: float = field(default=0.0, metadata={"help": "LLM sampling temperature; 0 is greedy"})
+    system_prompt: str = field(default=DEFAULT_SYSTEM_PROMPT, metadata={"help": "the agent's system prompt"})
+
+    def __post_init__(self) -> None:
+        if not 80 <= self.chunk_ms <= 320 or self.chunk_ms % VAD_FRAME_MS:
+            raise ValueError(f"chunk_ms must be a multiple of {VAD_FRAME_MS} in 80..320, got {self.chunk_ms}")
+        if self.asr_model not in ("tiny.en", "base"):
+            raise ValueError(f"asr_model must be 'tiny.en' or 'base', got {self.asr_model!r}")
+        if self.llm not in ("qwen2.5-0.5b", "smollm2-135m"):
+            raise ValueError(f"llm must be 'qwen2.5-0.5b' or 'smollm2-135m', got {self.llm!r}")
+        if self.llm_dtype not in ("dual", "bfloat16", "float32"):
+            raise ValueError(f"llm_dtype must be 'dual', 'bfloat16' or 'float32', got {self.llm_dtype!r}")
+        if not 0 <= self.vad_aggressiveness <= 3:
+            raise ValueError("vad_aggressiveness must be 0..3")
+
+    @property
+    def chunk_samples(self) -> int:
+        return SAMPLE_RATE * self.chunk_ms // 1000
+
+
+def _parse(kind: type, text: str):
+    if kind is bool:
+        return text.lower() in ("1", "true", "yes", "on")
+    return kind(text)
+
+
+def _field_type(f: dataclasses.Field) -> type:
+    # Annotations are strings under `from __future__ import annotations`.
+    return {"int": int, "float": float, "str": str, "Path": Path, "bool": bool}[str(f.type)]
+
+
+def config_from(env: Mapping[str, str] | None = None, overrides: Mapping[str, object] | None = None) -> Config:
+    """Defaults, then ``DUPLEX_*`` environment variables, then explicit overrides."""
+    env = os.environ if env is None else env
+    values: dict[str, object] = {}
+    for f in fields(Config):
+        key = "DUPLEX_" + f.name.upper()
+        if key in env:
+            try:
+                values[f.name] = _parse(_field_type(f), env[key])
+            except ValueError as e:
+                raise ValueError(f"bad value for {key}: {env[key]!r} ({e})") from None
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return Config(**values)
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One ``--flag`` per Config field; unset flags leave env/defaults in force."""
+    group = parser.add_argument_group("engine configuration (also DUPLEX_<NAME> env vars)")
+    for f in fields(Config):
+        group.add_argument("--" + f.name.replace("_", "-"), type=_field_type(f), default=None,
+                           help=f.metadata.get("help"))
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    return config_from(overrides={f.name: getattr(args, f.name, None) for f in fields(Config)})

@@ -1,0 +1,95 @@
+"""Typed, immutable events of a conversation, each stamped with media time.
+
+``t`` is seconds on the conversation's one timeline (the same one as
+``conversation.wav``). Events are what a session reports; they are written one
+JSON object a line to ``events.jsonl`` and read back by benchmarks.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar, Iterable
+
+
+@dataclass(frozen=True)
+class Event:
+    t: float
+    type: ClassVar[str] = "event"
+
+    def to_dict(self) -> dict:
+        d = {"t": round(self.t, 4), "type": self.type}
+        for k, v in dataclasses.asdict(self).items():
+            if k != "t":
+                d[k] = round(v, 4) if isinstance(v, float) else v
+        return d
+
+
+@dataclass(frozen=True)
+class UserSpeechStart(Event):
+    type: ClassVar[str] = "user_speech_start"
+
+
+@dataclass(frozen=True)
+class UserSpeechEnd(Event):
+    type: ClassVar[str] = "user_speech_end"
+
+
+@dataclass(frozen=True)
+class TranscriptEvent(Event):
+    text: str
+    no_speech_prob: float = 0.0
+    type: ClassVar[str] = "transcript"
+
+
+@dataclass(frozen=True)
+class TranscriptRejected(Event):
+    """Whisper heard nothing worth answering (silence, noise, a stock hallucination)."""
+
+    text: str
+    reason: str
+    type: ClassVar[str] = "transcript_rejected"
+
+
+@dataclass(frozen=True)
+class AgentText(Event):
+    """A group of the reply's text sent to the voice."""
+
+    text: str
+    type: ClassVar[str] = "agent_text"
+
+
+@dataclass(frozen=True)
+class AgentSpeechStart(Event):
+    type: ClassVar[str] = "agent_speech_start"
+
+
+@dataclass(frozen=True)
+class AgentSpeechEnd(Event):
+    reason: str  # "finished" | "interrupted"
+    type: ClassVar[str] = "agent_speech_end"
+
+
+@dataclass(frozen=True)
+class Turn(Event):
+    """One exchange, reported when the agent's reply has ended."""
+
+    index: int
+    user_text: str
+    agent_text: str  # what the user actually heard
+    user_end: float  # media time the user stopped speaking, s
+    agent_start: float  # media time the first reply audio played, s
+    latency: float  # agent_start - user_end, s
+    interrupted: bool
+    asr_ms: float  # stage times, wall clock
+    llm_first_token_ms: float
+    first_audio_ms: float  # from the end of ASR to the first synthesized audio
+    prefill_tokens: int
+    type: ClassVar[str] = "turn"
+
+
+def write_jsonl(path: Path, events: Iterable[Event]) -> None:
+    with open(path, "w") as f:
+        for e in events:
+            f.write(json.dumps(e.to_dict()) + "\n")

@@ -1,0 +1,129 @@
+"""duplex: one command line, one subcommand per way of using the engine.
+
+    python run_agent.py models [--check] [--all]
+    python run_agent.py replay --input USER.wav --out DIR
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+# Nothing may reach a model hub: every weight comes from a pinned package.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from agent.config import add_config_flags, config_from_args  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
+
+
+def cmd_models(args) -> int:
+    from agent import models
+
+    cfg = config_from_args(args)
+    names = list(models.MODELS) if args.all else list(models.names_for(cfg.asr_model, cfg.llm))
+    if args.check:
+        rows = models.check_rows(cfg.cache_dir, names)
+        print(f"cache: {cfg.cache_dir}")
+        print(f"{'model':18} {'status':8} {'package':14} {'size':>9}  sha256 (pinned, of the package bytes)")
+        for r in rows:
+            size = f"{r['size'] / 1e6:.0f} MB" if r["size"] else "-"
+            print(f"{r['name']:18} {r['status']:8} {r['package']:14} {size:>9}  {r['sha256']}")
+        return 0 if all(r["status"] == "ready" for r in rows) else 1
+    for name in names:
+        state = models.status(cfg.cache_dir, name)
+        if state == "ready" and not args.force:
+            print(f"{name}: ready")
+            continue
+        t0 = time.monotonic()
+        models.build(cfg.cache_dir, name)
+        print(f"{name}: built in {time.monotonic() - t0:.1f} s")
+    return 0
+
+
+def load_engine(cfg):
+    from agent.engine import Engine
+
+    t0 = time.monotonic()
+    engine = Engine.load(cfg)
+    lt = engine.load_times
+    print(f"models loaded in {time.monotonic() - t0:.1f} s (provision {lt.provision_s:.1f}, whisper {lt.asr_s:.1f}, "
+          f"llm {lt.llm_s:.1f}, tts {lt.tts_s:.1f})", file=sys.stderr)
+    return engine
+
+
+def cmd_replay(args) -> int:
+    from agent.transports.replay import ReplayOptions, replay_file
+
+    cfg = config_from_args(args)
+    engine = load_engine(cfg)
+    try:
+        summary = replay_file(engine, Path(args.input), Path(args.out), ReplayOptions(tail_s=args.tail))
+    finally:
+        engine.close()
+    for t in summary["turns"]:
+        flag = " (interrupted)" if t["interrupted"] else ""
+        print(f"[{t['user_end']:6.2f}s] user: {t['user_text']}")
+        print(f"[{t['agent_start']:6.2f}s] agent{flag}: {t['agent_text']}   (latency {t['latency'] * 1000:.0f} ms)")
+    print(f"wrote {args.out}/conversation.wav, events.jsonl, summary.json")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="duplex", description="full-duplex speech-to-speech voice agent")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    m = sub.add_parser("models", help="provision the model cache from the pinned packages")
+    m.add_argument("--check", action="store_true", help="list each model with status, size and hash")
+    m.add_argument("--all", action="store_true", help="every model, not just the configured ones")
+    m.add_argument("--force", action="store_true", help="rebuild even if ready")
+    add_config_flags(m)
+    m.set_defaults(func=cmd_models)
+
+    r = sub.add_parser("replay", help="play a WAV into the agent as its microphone, in real time")
+    r.add_argument("--input", required=True, help="the user's audio: a WAV at any rate, mono or stereo")
+    r.add_argument("--out", required=True, help="folder for conversation.wav, events.jsonl, summary.json")
+    r.add_argument("--tail", type=float, default=1.0, help="seconds of silence kept after the agent finishes")
+    add_config_flags(r)
+    r.set_defaults(func=cmd_replay)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from agent.models import ModelError
+    from speech_encoder.audio import AudioFormatError
+
+    try:
+        return args.func(args)
+    except (ModelError, AudioFormatError, ValueError) as e:
+        print(f"duplex: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""Reply text as it is generated -> speech at the engine's rate, cancellable.
+
+The LLM worker calls ``feed`` with each new piece of text; complete clause
+groups are normalised and queued for the TTS worker, which synthesizes them in
+order while the LLM goes on. Audio comes back to the event loop through
+``on_audio(samples, text)``: ``text`` is non-empty on the call that completes a
+group, so the session knows which words have been played. ``cancel`` stops both
+the grouping and the synthesis within one piece of work; nothing reaches back up.
+"""
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from concurrent.futures import Executor
+from typing import Callable, Iterator
+
+import numpy as np
+
+from agent.config import SAMPLE_RATE
+from speech_decoder.normalize import CodeFenceFilter, normalize
+from speech_decoder.pacing import ClauseGrouper, Pacing
+from speech_encoder.audio import resample
+from tts.base import TTSBackend
+
+_END = object()
+
+
+class SpeechDecoder:
+    def __init__(self, tts: TTSBackend, executor: Executor, loop: asyncio.AbstractEventLoop,
+                 on_audio: Callable[[np.ndarray, str], None], on_group: Callable[[str], None] | None = None,
+                 pacing: Pacing = Pacing()):
+        self._tts = tts
+        self._loop = loop
+        self._on_audio = on_audio
+        self._on_group = on_group
+        self._fences = CodeFenceFilter()
+        self._grouper = ClauseGrouper(pacing)
+        self._groups: queue.Queue = queue.Queue()
+        self.cancelled = threading.Event()
+        self.spoken_text: list[str] = []  # normalised groups sent to the voice, in order
+        self.done: asyncio.Future = loop.create_future()
+        self._job = loop.run_in_executor(executor, self._synthesize)
+        self._job.add_done_callback(self._finish)
+
+    # -- called from the LLM worker thread --
+    def feed(self, text: str) -> None:
+        if not self.cancelled.is_set():
+            self._queue_groups(self._grouper.push(self._fences.push(text)))
+
+    def end(self) -> None:
+        """No more text: flush what is held and let synthesis finish."""
+        if not self.cancelled.is_set():
+            self._grouper.push(self._fences.flush())
+            self._queue_groups(self._grouper.flush())
+        self._groups.put(_END)
+
+    def _queue_groups(self, groups: list[str]) -> None:
+        for g in groups:
+            spoken = normalize(g)
+            if spoken:
+                self.spoken_text.append(spoken)
+                if self._on_group:
+                    self._loop.call_soon_threadsafe(self._on_group, spoken)
+                self._groups.put(spoken)
+
+    # -- any thread --
+    def cancel(self) -> None:
+        self.cancelled.set()
+        self._groups.put(_END)  # wake the TTS worker if it waits for text
+
+    # -- the TTS worker thread --
+    def _texts(self) -> Iterator[str]:
+        while (g := self._groups.get()) is not _END:
+            if self.cancelled.is_set():
+                return
+            yield g
+
+    def _synthesize(self) -> None:
+        for piece in self._tts.stream(self._texts(), self.cancelled):
+            if self.cancelled.is_set():
+                return
+            audio = resample(piece.audio, self._tts.sample_rate, SAMPLE_RATE)
+            self._loop.call_soon_threadsafe(self._deliver, audio, piece.text)
+
+    def _deliver(self, audio: np.ndarray, text: str) -> None:
+        if not self.cancelled.is_set():
+            self._on_audio(audio, text)
+
+    def _finish(self, job: asyncio.Future) -> None:
+        # call_soon keeps ordering: audio delivered before the job ended lands first.
+        def settle():
+            if not self.done.done():
+                if job.exception():
+                    self.done.set_exception(job.exception())
+                else:
+                    self.done.set_result(None)
+        self._loop.call_soon(settle)

@@ -1,0 +1,64 @@
+"""Which text goes to TTS when.
+
+The voice speaks a group of words at a time. Small groups start the audio
+sooner; whole clauses sound natural. ``ClauseGrouper`` takes the reply as it is
+generated and releases a group at a sentence end, at clause punctuation once the
+group is long enough, or at a space once it grows too long. The first group of a
+reply may be shorter than the rest: that is the group whose synthesis everyone
+waits for.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+_SENTENCE_END = re.compile(r"[.!?]+[\"')\]]*(?=\s)")
+_CLAUSE_END = re.compile(r"[,;:]+(?=\s)|\s[-–—]+(?=\s)")
+
+
+@dataclass(frozen=True)
+class Pacing:
+    first_min_chars: int = 12  # first group: release at a clause mark once this long
+    min_chars: int = 40  # later groups: merge short clauses up to this length
+    max_chars: int = 160  # never hold more than this without a break
+
+
+class ClauseGrouper:
+    def __init__(self, pacing: Pacing = Pacing()):
+        self.pacing = pacing
+        self._buf = ""
+        self._groups_out = 0
+
+    def _min(self) -> int:
+        return self.pacing.first_min_chars if self._groups_out == 0 else self.pacing.min_chars
+
+    def _cut(self) -> int | None:
+        """Index just after the best place to end the next group, or None to wait."""
+        buf = self._buf
+        if m := _SENTENCE_END.search(buf):
+            return m.end()
+        best = None
+        for m in _CLAUSE_END.finditer(buf):
+            if m.end() >= self._min():
+                best = m.end()
+                break
+        if best is None and len(buf) > self.pacing.max_chars:
+            space = buf.rfind(" ", 0, self.pacing.max_chars)
+            best = space if space > 0 else self.pacing.max_chars
+        return best
+
+    def push(self, text: str) -> list[str]:
+        """Add generated text; return the groups now ready (maybe none)."""
+        self._buf += text
+        groups = []
+        while (cut := self._cut()) is not None:
+            group, self._buf = self._buf[:cut].strip(), self._buf[cut:].lstrip()
+            if group:
+                groups.append(group)
+                self._groups_out += 1
+        return groups
+
+    def flush(self) -> list[str]:
+        """The reply has ended: whatever is left is the last group."""
+        rest, self._buf = self._buf.strip(), ""
+        return [rest] if rest else []

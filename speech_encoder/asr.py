@@ -1,0 +1,64 @@
+"""Whisper speech recognition of one user utterance (openai-whisper, CPU).
+
+The walking skeleton transcribes each utterance whole once the endpointer has
+closed it. Whisper invents text for silence and noise ("Thank you.", "you"), so a
+transcript is dropped when Whisper itself thinks there was no speech, or when it
+is one of those stock phrases with low confidence.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+# Whisper's typical transcripts of silence, breath and noise (lower-cased, no punctuation).
+STOCK_HALLUCINATIONS = frozenset({
+    "", "you", "thank you", "thanks for watching", "thank you for watching", "bye", "okay",
+    "so", "uh", "um", "hmm", "oh",
+})
+
+
+@dataclass(frozen=True)
+class Transcript:
+    text: str
+    no_speech_prob: float
+    avg_logprob: float
+    language: str
+
+
+def _plain(text: str) -> str:
+    return re.sub(r"[^\w\s']", "", text).strip().lower()
+
+
+def is_hallucination(t: Transcript) -> bool:
+    if not _plain(t.text):
+        return True
+    if t.no_speech_prob > 0.6 and t.avg_logprob < -1.0:
+        return True
+    return _plain(t.text) in STOCK_HALLUCINATIONS and (t.no_speech_prob > 0.2 or t.avg_logprob < -0.7)
+
+
+class WhisperASR:
+    """A converted openai-whisper checkpoint, loaded once and shared."""
+
+    def __init__(self, checkpoint: Path, language: str | None = "en", threads: int = 2):
+        import whisper
+
+        self.threads = threads
+        self.model = whisper.load_model(str(checkpoint), device="cpu")
+        self.language = language if self.model.is_multilingual else "en"
+
+    def transcribe(self, audio: np.ndarray) -> Transcript:
+        """``audio``: float32 mono 16 kHz. Blocks; call from the model worker."""
+        torch.set_num_threads(self.threads)
+        result = self.model.transcribe(
+            audio.astype(np.float32), language=self.language, temperature=0.0, fp16=False,
+            condition_on_previous_text=False, without_timestamps=True, verbose=None,
+        )
+        segments = result.get("segments") or []
+        nsp = max((s["no_speech_prob"] for s in segments), default=1.0)
+        alp = float(np.mean([s["avg_logprob"] for s in segments])) if segments else -10.0
+        return Transcript(result["text"].strip(), float(nsp), alp, result.get("language") or "en")

@@ -1,0 +1,38 @@
+import argparse
+
+import pytest
+
+from agent.config import Config, add_config_flags, config_from, config_from_args
+
+
+def test_defaults_are_the_documented_ones():
+    cfg = config_from(env={})
+    assert cfg.chunk_ms == 160 and cfg.asr_model == "tiny.en" and cfg.llm == "qwen2.5-0.5b"
+    assert cfg.chunk_samples == 2560
+
+
+def test_environment_overrides_defaults_and_flags_override_environment(monkeypatch):
+    monkeypatch.setenv("DUPLEX_CHUNK_MS", "80")
+    monkeypatch.setenv("DUPLEX_LLM", "smollm2-135m")
+    assert config_from().chunk_ms == 80
+    parser = argparse.ArgumentParser()
+    add_config_flags(parser)
+    cfg = config_from_args(parser.parse_args(["--chunk-ms", "240"]))
+    assert cfg.chunk_ms == 240 and cfg.llm == "smollm2-135m"
+
+
+@pytest.mark.parametrize("field,value", [("chunk_ms", 90), ("chunk_ms", 400), ("asr_model", "large"),
+                                         ("llm", "gpt"), ("vad_aggressiveness", 5)])
+def test_bad_values_are_refused_with_the_field_named(field, value):
+    with pytest.raises(ValueError, match=field):
+        Config(**{field: value})
+
+
+def test_an_unparseable_environment_value_names_the_variable():
+    with pytest.raises(ValueError, match="DUPLEX_CHUNK_MS"):
+        config_from(env={"DUPLEX_CHUNK_MS": "fast"})
+
+
+def test_config_is_immutable():
+    with pytest.raises(Exception):
+        Config().chunk_ms = 80

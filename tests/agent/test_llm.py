@@ -1,0 +1,68 @@
+"""The prefix cache: reuse and rollback give what a fresh prefill gives.
+
+Mechanics only, so the small SmolLM2-135M stands in for the chat model.
+"""
+import threading
+
+import pytest
+import torch
+
+from agent import models
+from agent.config import config_from
+from agent.llm import ChatLLM, PrefixCache, common_prefix
+
+
+@pytest.fixture(scope="module")
+def small_llm():
+    path = models.ensure(config_from().cache_dir, "smollm2-135m")
+    return ChatLLM(path, threads=2, dtype="float32")
+
+
+def fresh_logits(llm, ids):
+    cache = PrefixCache()
+    llm.extend(cache, ids)
+    return cache.logits
+
+
+def chat(llm, *turns):
+    msgs = [{"role": "system", "content": "Be brief."}]
+    for i, t in enumerate(turns):
+        msgs.append({"role": "user" if i % 2 == 0 else "assistant", "content": t})
+    return llm.prompt_ids(msgs)
+
+
+def test_common_prefix():
+    assert common_prefix([1, 2, 3], [1, 2, 4, 5]) == 2
+    assert common_prefix([], [1]) == 0
+
+
+def test_extending_a_cached_prompt_computes_only_the_new_tokens_and_matches_a_fresh_prefill(small_llm):
+    first = chat(small_llm, "Hello there.")
+    second = chat(small_llm, "Hello there.", "Hi!", "What is two plus two?")
+    cache = PrefixCache()
+    assert small_llm.extend(cache, first) == len(first)
+    computed = small_llm.extend(cache, second)
+    assert computed == len(second) - common_prefix(first, second)
+    assert torch.allclose(cache.logits, fresh_logits(small_llm, second), atol=1e-4)
+
+
+def test_rolling_back_to_a_revised_prefix_equals_a_fresh_prefill(small_llm):
+    a = chat(small_llm, "Tell me about the weather in Paris today please.")
+    b = chat(small_llm, "Tell me about the trains in Rome.")
+    cache = PrefixCache()
+    small_llm.extend(cache, a)
+    small_llm.extend(cache, b)
+    assert cache.kv.get_seq_length() == len(b)
+    assert torch.allclose(cache.logits, fresh_logits(small_llm, b), atol=1e-4)
+
+
+def test_generation_streams_text_keeps_the_cache_consistent_and_stops_on_cancel(small_llm):
+    ids = chat(small_llm, "Count from one to ten.")
+    cache = PrefixCache()
+    small_llm.extend(cache, ids)
+    pieces = list(small_llm.generate(cache, 12, threading.Event()))
+    assert pieces and all(isinstance(p, str) for p in pieces)
+    assert cache.ids[:len(ids)] == ids and cache.kv.get_seq_length() == len(cache.ids)
+    stop = threading.Event()
+    stop.set()
+    assert list(small_llm.generate(cache, 12, stop)) == []

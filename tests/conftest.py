@@ -1,0 +1,53 @@
+"""Shared fixtures: speech synthesized on the spot, and the real engine loaded once."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("DUPLEX_QUIET", "1")
+
+from agent.config import SAMPLE_RATE, config_from  # noqa: E402
+from speech_encoder.audio import load_audio  # noqa: E402
+
+
+def synthesize(text: str, path: Path, voice: str = "flite") -> Path:
+    """Speak ``text`` into a WAV with a Debian TTS engine (flite 'slt' or espeak-ng)."""
+    if voice == "flite" and shutil.which("flite"):
+        subprocess.run(["flite", "-voice", "slt", "-t", text, "-o", str(path)], check=True)
+    elif shutil.which("espeak-ng"):
+        subprocess.run(["espeak-ng", "-v", "en-us", "-s", "160", "-w", str(path), text], check=True)
+    else:
+        pytest.skip("neither flite nor espeak-ng is installed (run scripts/system-deps.sh)")
+    return path
+
+
+@pytest.fixture
+def speech(tmp_path):
+    """speech(text, voice='flite') -> float32 mono 16 kHz samples."""
+    counter = iter(range(1000))
+
+    def make(text: str, voice: str = "flite") -> np.ndarray:
+        return load_audio(synthesize(text, tmp_path / f"speech{next(counter)}.wav", voice), SAMPLE_RATE)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def engine():
+    """The real default models (Whisper tiny.en, Qwen2.5-0.5B, Piper joe), loaded once."""
+    from agent.engine import Engine
+
+    eng = Engine.load(config_from())
+    yield eng
+    eng.close()
+
+
+@pytest.fixture(scope="session")
+def asr(engine):
+    return engine.asr

@@ -1,0 +1,38 @@
+"""Groups of text for the voice: early first group, whole clauses after."""
+from speech_decoder.pacing import ClauseGrouper, Pacing
+
+
+def feed(text: str, grouper: ClauseGrouper, step: int = 3) -> list[str]:
+    out = []
+    for i in range(0, len(text), step):
+        out += grouper.push(text[i:i + step])
+    return out + grouper.flush()
+
+
+def test_sentences_are_released_as_soon_as_they_end():
+    g = ClauseGrouper()
+    assert g.push("The capital of France is Paris.") == []  # the period might be a decimal point
+    assert g.push(" It") == ["The capital of France is Paris."]
+
+
+def test_the_first_group_is_cut_at_an_early_clause_mark():
+    groups = feed("Well, to make tea, boil some water, then pour it over the leaves and wait.", ClauseGrouper())
+    assert groups[0] == "Well, to make tea,"
+    assert " ".join(groups) == "Well, to make tea, boil some water, then pour it over the leaves and wait."
+
+
+def test_later_clauses_merge_up_to_the_minimum_length():
+    groups = feed("Hi there. One, two, three, four, five, six, seven, eight, nine, ten, eleven.", ClauseGrouper())
+    assert groups[0] == "Hi there."
+    assert all(len(g) >= Pacing().min_chars for g in groups[1:-1])
+
+
+def test_a_long_run_without_punctuation_is_cut_at_a_space():
+    text = " ".join(["word"] * 100)
+    groups = feed(text, ClauseGrouper(Pacing(max_chars=60)))
+    assert all(len(g) <= 60 for g in groups)
+    assert " ".join(groups) == text
+
+
+def test_decimal_numbers_are_not_sentence_ends():
+    assert feed("Pi is 3.14 roughly. Yes.", ClauseGrouper()) == ["Pi is 3.14 roughly.", "Yes."]
