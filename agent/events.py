@@ -27,6 +27,14 @@ class Event:
 
 
 @dataclass(frozen=True)
+class StateChanged(Event):
+    """The session's state: listening, thinking, speaking (and, when cut off, interrupted)."""
+
+    state: str
+    type: ClassVar[str] = "state"
+
+
+@dataclass(frozen=True)
 class UserSpeechStart(Event):
     type: ClassVar[str] = "user_speech_start"
 

@@ -26,6 +26,7 @@ class PrefixCache:
     ids: list[int] = field(default_factory=list)
     kv: object = None  # transformers DynamicCache
     logits: torch.Tensor | None = None  # [vocab] after the last id
+    hidden: torch.Tensor | None = None  # [hidden_size] last-layer state at the last id (for the state heads)
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -121,8 +122,9 @@ class ChatLLM:
         else:
             cache.kv.crop(keep - cache.kv.get_seq_length())  # a negative count removes tokens
         new = torch.tensor([ids[keep:]], dtype=torch.long)
-        out = self.model(input_ids=new, past_key_values=cache.kv, use_cache=True)
+        out = self.model(input_ids=new, past_key_values=cache.kv, use_cache=True, output_hidden_states=True)
         cache.ids, cache.logits = list(ids), out.logits[0, -1].float()
+        cache.hidden = out.hidden_states[-1][0, -1].float()
         return len(ids) - keep
 
     @torch.inference_mode()
@@ -156,4 +158,4 @@ class ChatLLM:
                 text_sent = text
             step = self.model(input_ids=torch.tensor([[tok]]), past_key_values=cache.kv, use_cache=True)
             cache.ids.append(tok)
-            cache.logits = step.logits[0, -1].float()
+            cache.logits, cache.hidden = step.logits[0, -1].float(), None

@@ -28,7 +28,7 @@ import numpy as np
 
 from agent.config import SAMPLE_RATE
 from agent.engine import Engine
-from agent.events import (AgentSpeechEnd, AgentSpeechStart, AgentText, Event, TranscriptEvent,
+from agent.events import (AgentSpeechEnd, AgentSpeechStart, AgentText, Event, StateChanged, TranscriptEvent,
                           TranscriptRejected, Turn, UserSpeechEnd, UserSpeechStart)
 from agent.llm import PrefixCache
 from speech_decoder.decoder import SpeechDecoder
@@ -181,7 +181,7 @@ class Session:
     def _start_reply(self, audio: np.ndarray, user_end: float) -> None:
         reply = Reply(user_end=user_end, audio=audio)
         self._reply = reply
-        self.state = State.THINKING
+        self._set_state(State.THINKING)
         task = asyncio.get_running_loop().create_task(self._respond(reply), name="duplex-reply")
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
@@ -262,7 +262,7 @@ class Session:
         if real:
             if reply.agent_start is None:
                 reply.agent_start = self.now
-                self.state = State.SPEAKING
+                self._set_state(State.SPEAKING)
                 self.emit(AgentSpeechStart(self.now))
             self._agent_audio_end = self.now + real / SAMPLE_RATE
         if reply.synth_done and self._outbox.samples == 0 and reply.agent_start is not None:
@@ -275,6 +275,7 @@ class Session:
         # The chunk sent on the last tick is playing now, until the end of this one.
         stop_t = min(self._agent_audio_end, self.now + self.config.chunk_samples / SAMPLE_RATE)
         self.emit(AgentSpeechEnd(stop_t, "interrupted"))
+        self.emit(StateChanged(self.now, "interrupted"))
         self._finish_reply(reply, interrupted=True)
 
     def _stop(self, reply: Reply) -> None:
@@ -289,7 +290,7 @@ class Session:
         self._stop(reply)
         self._held = [reply.audio]
         self._reply = None
-        self.state = State.LISTENING
+        self._set_state(State.LISTENING)
 
     def heard_text(self, reply: Reply) -> str:
         """The words of the reply the user actually heard (whole groups, plus the
@@ -308,7 +309,7 @@ class Session:
         if reply is not self._reply:
             return
         self._reply = None
-        self.state = State.LISTENING
+        self._set_state(State.LISTENING)
         if reply.agent_start is None:
             return  # nothing was said (rejected transcript, or an empty reply)
         if not interrupted:
@@ -323,6 +324,11 @@ class Session:
                        reply.llm_first_token_ms, reply.first_audio_ms, reply.prefill_tokens))
 
     # -- plumbing ----------------------------------------------------------------------------------
+
+    def _set_state(self, state: State) -> None:
+        if state is not self.state:
+            self.state = state
+            self.emit(StateChanged(self.now, state.value))
 
     def emit(self, event: Event) -> None:
         self.events.append(event)
