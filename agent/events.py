@@ -35,6 +35,21 @@ class StateChanged(Event):
 
 
 @dataclass(frozen=True)
+class Decision(Event):
+    """What the session decided at the end of a chunk, and in which state.
+
+    decisions: endpoint (the user's turn is over), speculate (start the reply
+    during a pause, unplayed), resume (the user went on: drop it), duck, reject
+    (short speech while speaking: carry on), interrupt (barge-in: stop).
+    """
+
+    decision: str
+    state: str
+    probs: dict | None = None  # class probabilities, when a learned head decided
+    type: ClassVar[str] = "decision"
+
+
+@dataclass(frozen=True)
 class UserSpeechStart(Event):
     type: ClassVar[str] = "user_speech_start"
 
@@ -94,6 +109,8 @@ class Turn(Event):
     llm_first_token_ms: float
     first_audio_ms: float  # from the end of ASR to the first synthesized audio
     prefill_tokens: int
+    stop_latency: float | None = None  # interrupted turns: user onset -> agent silent, s
+    underruns: int = 0  # ticks the voice fell behind while speaking
     type: ClassVar[str] = "turn"
 
 

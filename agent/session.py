@@ -1,17 +1,24 @@
 """One conversation: its state machine, history and output, driven chunk by chunk.
 
-A transport calls ``step(user_chunk)`` once per clock tick with the user's audio
-for media time [now, now + chunk) and gets back exactly one agent chunk, to be
-played over the next tick. ``step`` only does bookkeeping: endpointing, and
-starting or cancelling a reply. The reply itself (Whisper, the LLM, the voice)
-runs in the engine's worker threads and drops its audio into the outbox; a tick
-takes whatever audio is ready and plays silence otherwise.
+A transport calls ``step(user_chunk)`` once per clock tick (agent/clock.py) with
+the user's audio for media time [now, now + T) and gets back exactly one agent
+chunk, to be played over the next tick. ``step`` only does bookkeeping:
+endpointing, deciding, and starting or cancelling a reply. The reply itself
+(Whisper, the LLM, the voice) runs in the engine's worker threads and drops its
+audio into the outbox; a tick takes whatever audio is ready and plays silence
+otherwise.
 
 States: listening -> (user turn ends) thinking -> (first audio plays) speaking
--> (audio ends) listening. User speech during thinking means the user was not
-done: the reply is dropped and the utterance goes on. Sustained user speech
-during speaking is a barge-in: the reply stops, and the history keeps only the
-words the user heard.
+-> (audio ends) listening.
+- Speculative start: after ``speculate_ms`` of silence the reply is already
+  computed, but it is only played once the turn is confirmed over; if the user
+  goes on, the work is dropped.
+- User speech while thinking: the user was not done; the reply is dropped and
+  the turn goes on.
+- User speech while speaking: the agent's voice is ducked at once; sustained
+  speech (``barge_in_ms``) is a barge-in: the reply stops and the history keeps
+  only the words the user heard. Speech that ends sooner (a backchannel, a
+  cough) is rejected and the voice comes back up without a gap.
 """
 from __future__ import annotations
 
@@ -26,10 +33,11 @@ from typing import Callable
 
 import numpy as np
 
+from agent.clock import TickRecord, Timeline, rms
 from agent.config import SAMPLE_RATE
 from agent.engine import Engine
-from agent.events import (AgentSpeechEnd, AgentSpeechStart, AgentText, Event, StateChanged, TranscriptEvent,
-                          TranscriptRejected, Turn, UserSpeechEnd, UserSpeechStart)
+from agent.events import (AgentSpeechEnd, AgentSpeechStart, AgentText, Decision, Event, StateChanged,
+                          TranscriptEvent, TranscriptRejected, Turn, UserSpeechEnd, UserSpeechStart)
 from agent.llm import PrefixCache
 from speech_decoder.decoder import SpeechDecoder
 from speech_encoder.asr import is_hallucination
@@ -37,6 +45,8 @@ from speech_encoder.vad import FRAME_SAMPLES, Endpointer, VadEvent
 
 log = logging.getLogger(__name__)
 PRE_ROLL_S = 0.2  # audio kept from before the detected onset, so Whisper hears it
+DUCK_GAIN = 0.25  # -12 dB: the agent lowers its voice while the user may be cutting in
+RAMP_SAMPLES = SAMPLE_RATE // 100  # 10 ms gain ramps: no click at a duck, un-duck or stop
 
 
 class State(enum.Enum):
@@ -56,23 +66,28 @@ class Outbox:
         self._pieces.append((audio, text))
         self.samples += len(audio)
 
-    def pop(self, n: int) -> tuple[np.ndarray, int, list[str]]:
-        """Up to n samples (zero-padded to n); returns (chunk, real samples, groups completed)."""
+    def pop(self, n: int) -> tuple[np.ndarray, int, list[str], int]:
+        """Up to n samples, zero-padded to n.
+
+        Returns (chunk, real samples, groups completed, samples played after the
+        last completed group's end).
+        """
         out = np.zeros(n, np.float32)
-        filled, done = 0, []
-        while self._pieces and filled < n:
+        filled, done, tail = 0, [], 0
+        while self._pieces and (filled < n or not len(self._pieces[0][0])):
             audio, text = self._pieces[0]
             take = min(n - filled, len(audio))
             out[filled:filled + take] = audio[:take]
-            filled += take
+            filled, tail = filled + take, tail + take
             if take == len(audio):
                 self._pieces.popleft()
                 if text:
                     done.append(text)
+                    tail = 0
             else:
                 self._pieces[0] = (audio[take:], text)
         self.samples -= filled
-        return out, filled, done
+        return out, filled, done, tail
 
     def clear(self) -> None:
         self._pieces.clear()
@@ -85,19 +100,32 @@ class Reply:
 
     user_end: float
     audio: np.ndarray  # the user's turn, kept so a dropped reply's audio can rejoin it
+    confirmed: bool = True  # False while speculative: computed, not yet played
     cancel: threading.Event = field(default_factory=threading.Event)
     decoder: SpeechDecoder | None = None
     user_text: str = ""
     generated: str = ""
     played_groups: list[str] = field(default_factory=list)
     played_in_group: int = 0  # samples of the current (unfinished) group already played
+    group_samples: list[int] = field(default_factory=list)  # total samples of each group
+    pending_samples: int = 0  # samples of the group still being delivered
     agent_start: float | None = None
     synth_done: bool = False
+    underruns: int = 0
     asr_ms: float = 0.0
     llm_first_token_ms: float = 0.0
     first_audio_ms: float = 0.0
     prefill_tokens: int = 0
     t_asr_done: float = 0.0
+
+
+@dataclass
+class SessionStats:
+    underruns: int = 0  # ticks a speaking reply had no audio ready
+    interruptions: int = 0
+    false_stops: int = 0  # barge-ins whose user speech held no words
+    speculative_dropped: int = 0
+    stop_latencies: list[float] = field(default_factory=list)  # user onset -> agent silent, s
 
 
 class Session:
@@ -106,15 +134,22 @@ class Session:
         self.config = cfg = engine.config
         self.now = 0.0  # media time at the start of the next user chunk, s
         self.events: list[Event] = []
+        self.timeline = Timeline()
+        self.stats = SessionStats()
         self._on_event = on_event
         self._endpointer = Endpointer(cfg.vad_aggressiveness, cfg.speech_start_ms, cfg.endpoint_silence_ms)
         self._recent: deque[tuple[float, np.ndarray]] = deque(maxlen=int(0.5 * SAMPLE_RATE / FRAME_SAMPLES))
         self._utterance: list[np.ndarray] | None = None  # frames of the user turn in progress
         self._held: list[np.ndarray] = []  # an ended turn whose reply was dropped: the user went on
+        self._user_onset = 0.0
         self._outbox = Outbox()
         self._reply: Reply | None = None
         self._tasks: set[asyncio.Task] = set()
         self._agent_audio_end = 0.0
+        self._gain = self._gain_target = 1.0
+        self._tail: np.ndarray | None = None  # a fade-out still to play after a stop
+        self._barge_in_pending = False  # the last interruption's user speech is not yet transcribed
+        self._decisions: list[str] = []
         self.state = State.LISTENING
         self.history: list[dict] = []
         self.cache = PrefixCache()  # touched only in the model worker thread
@@ -134,18 +169,23 @@ class Session:
         n = self.config.chunk_samples
         if len(chunk) != n:
             raise ValueError(f"expected a chunk of {n} samples, got {len(chunk)}")
+        t0 = self.now
         for i in range(0, n, FRAME_SAMPLES):
-            t = self.now + i / SAMPLE_RATE
+            t = t0 + i / SAMPLE_RATE
             frame = chunk[i:i + FRAME_SAMPLES]
             self._recent.append((t, frame))
             if self._utterance is not None:
                 self._utterance.append(frame)
             for ev in self._endpointer.process(frame, t):
                 self._on_vad(ev)
-            if self._barge_in_due():
-                self._interrupt()
-        self.now += n / SAMPLE_RATE
-        return self._play(n)
+        self._decide()  # decisions are taken at the end of each chunk
+        self.now = t0 + n / SAMPLE_RATE
+        out = self._play(n)
+        self.timeline.add(TickRecord(round(t0 / (n / SAMPLE_RATE)), round(t0, 4), round(rms(chunk), 5),
+                                     round(rms(out), 5), self.state.value, ",".join(self._decisions),
+                                     self._text_in_flight()))
+        self._decisions = []
+        return out
 
     @property
     def idle(self) -> bool:
@@ -157,37 +197,67 @@ class Session:
     def _on_vad(self, ev: VadEvent) -> None:
         if ev.kind == "start":
             self.emit(UserSpeechStart(ev.t))
+            self._user_onset = ev.t
             self._utterance = [f for t, f in self._recent if t >= ev.t - PRE_ROLL_S]
-            if self.state is State.THINKING:
+            if self.state is State.SPEAKING:
+                self._gain_target = DUCK_GAIN
+                self._decide_as("duck")
+            elif self._reply is not None:
                 # The user was not done: drop the reply and keep listening to the whole turn.
-                self._drop_reply()
+                self._drop_reply(rejoin=True)
             return
         self.emit(UserSpeechEnd(ev.t))
         frames, self._utterance = self._utterance or [], None
         if self.state is State.SPEAKING:
             # Too short to be a barge-in (a backchannel, a cough): the agent goes on.
+            self._gain_target = 1.0
+            self._decide_as("reject")
             self.emit(TranscriptRejected(self.now, "", "short speech while the agent speaks"))
             return
+        reply = self._reply
         audio = np.concatenate(self._held + frames)
         self._held = []
-        self._start_reply(audio, ev.t)
+        if reply is not None and not reply.confirmed:
+            reply.confirmed = True  # the speculative reply stands: the silence was the turn's end
+            reply.user_end = ev.t
+            self._decide_as("endpoint")
+            self._set_state(State.THINKING)
+            return
+        self._decide_as("endpoint")
+        self._start_reply(audio, ev.t, confirmed=True)
 
-    def _barge_in_due(self) -> bool:
-        return (self.state is State.SPEAKING and self._endpointer.in_speech
-                and self._endpointer.voiced_ms_in_turn >= self.config.barge_in_ms)
+    def _decide(self) -> None:
+        """End of chunk: barge-in, and speculative start during a pause."""
+        ep = self._endpointer
+        if (self.state is State.SPEAKING and ep.in_speech and ep.voiced_ms_in_turn >= self.config.barge_in_ms):
+            self._interrupt()
+            return
+        speculating = self._reply is not None and not self._reply.confirmed
+        if speculating and ep.in_speech and ep.silence_ms == 0:
+            self._drop_reply(rejoin=False)  # the user went on after the pause; the turn's audio is still open
+            self.stats.speculative_dropped += 1
+            self._decide_as("resume")
+        elif (self._reply is None and ep.in_speech and self.config.speculate_ms
+              and ep.silence_ms >= self.config.speculate_ms):
+            # The turn's audio stays open (held + utterance): this reply may yet be dropped.
+            audio = np.concatenate(self._held + (self._utterance or []))
+            self._decide_as("speculate")
+            self._start_reply(audio, ep.last_voiced_end, confirmed=False)
+
+    def _decide_as(self, decision: str) -> None:
+        self._decisions.append(decision)
+        self.emit(Decision(self.now, decision, self.state.value))
 
     # -- the reply -------------------------------------------------------------------------------
 
-    def _start_reply(self, audio: np.ndarray, user_end: float) -> None:
-        reply = Reply(user_end=user_end, audio=audio)
+    def _start_reply(self, audio: np.ndarray, user_end: float, confirmed: bool) -> None:
+        reply = Reply(user_end=user_end, audio=audio, confirmed=confirmed)
         self._reply = reply
-        self._set_state(State.THINKING)
+        if confirmed:
+            self._set_state(State.THINKING)
         task = asyncio.get_running_loop().create_task(self._respond(reply), name="duplex-reply")
         self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task) -> None:
-        self._tasks.discard(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _respond(self, reply: Reply) -> None:
         try:
@@ -208,9 +278,14 @@ class Session:
         if reply.cancel.is_set():
             return
         if is_hallucination(transcript):
-            self.emit(TranscriptRejected(self.now, transcript.text, "no speech"))
+            if reply.confirmed:
+                self.emit(TranscriptRejected(self.now, transcript.text, "no speech"))
+            if self._barge_in_pending:
+                self.stats.false_stops += 1
+            self._barge_in_pending = False
             self._finish_reply(reply, interrupted=False)
             return
+        self._barge_in_pending = False
         reply.user_text = transcript.text
         self.emit(TranscriptEvent(self.now, transcript.text, transcript.no_speech_prob))
         messages = ([{"role": "system", "content": self.config.system_prompt}] + self.history
@@ -245,38 +320,67 @@ class Session:
             return
         if reply.first_audio_ms == 0.0 and len(audio):
             reply.first_audio_ms = (time.monotonic() - reply.t_asr_done) * 1000
+        reply.pending_samples += len(audio)
+        if text:
+            reply.group_samples.append(reply.pending_samples)
+            reply.pending_samples = 0
         self._outbox.put(audio, text)
 
     # -- agent side --------------------------------------------------------------------------------
 
     def _play(self, n: int) -> np.ndarray:
         """The agent chunk for media time [now, now + n): audio if ready, else silence."""
-        out, real, groups = self._outbox.pop(n)
         reply = self._reply
-        if reply is None:
+        if reply is None or not reply.confirmed:
+            out = np.zeros(n, np.float32)
+            if self._tail is not None:
+                out[:len(self._tail)], self._tail = self._tail, None
             return out
+        out, real, groups, tail = self._outbox.pop(n)
         if groups:
             reply.played_groups.extend(groups)
-            reply.played_in_group = 0
-        reply.played_in_group += real if not groups else 0
+            reply.played_in_group = tail
+        else:
+            reply.played_in_group += real
         if real:
             if reply.agent_start is None:
                 reply.agent_start = self.now
                 self._set_state(State.SPEAKING)
                 self.emit(AgentSpeechStart(self.now))
             self._agent_audio_end = self.now + real / SAMPLE_RATE
+        if reply.agent_start is not None and real < n and not reply.synth_done:
+            reply.underruns += 1  # the voice fell behind mid-reply: a gap the user hears
+            self.stats.underruns += 1
+        self._apply_gain(out)
         if reply.synth_done and self._outbox.samples == 0 and reply.agent_start is not None:
             self._finish_reply(reply, interrupted=False)
         return out
 
+    def _apply_gain(self, out: np.ndarray) -> None:
+        if self._gain == self._gain_target == 1.0:
+            return
+        ramp = min(len(out), RAMP_SAMPLES)
+        out[:ramp] *= np.linspace(self._gain, self._gain_target, ramp, endpoint=False, dtype=np.float32)
+        out[ramp:] *= self._gain_target
+        self._gain = self._gain_target
+
     def _interrupt(self) -> None:
         reply = self._reply
+        # The chunk sent last tick is playing until the end of this one; the next
+        # one carries only a short fade to silence (no click), then nothing.
+        fade, real, _, _ = self._outbox.pop(RAMP_SAMPLES)
+        fade *= np.linspace(self._gain, 0.0, RAMP_SAMPLES, endpoint=False, dtype=np.float32)
         self._stop(reply)
-        # The chunk sent on the last tick is playing now, until the end of this one.
+        self._tail = fade[:real]
         stop_t = min(self._agent_audio_end, self.now + self.config.chunk_samples / SAMPLE_RATE)
+        stop_t += real / SAMPLE_RATE
+        self.stats.interruptions += 1
+        self.stats.stop_latencies.append(stop_t - self._user_onset)
+        self._barge_in_pending = True
+        self._decide_as("interrupt")
         self.emit(AgentSpeechEnd(stop_t, "interrupted"))
         self.emit(StateChanged(self.now, "interrupted"))
-        self._finish_reply(reply, interrupted=True)
+        self._finish_reply(reply, interrupted=True, stop_latency=stop_t - self._user_onset)
 
     def _stop(self, reply: Reply) -> None:
         """Cancellation flows one way: LLM and voice stop, queued audio is dropped."""
@@ -284,28 +388,47 @@ class Session:
         if reply.decoder:
             reply.decoder.cancel()
         self._outbox.clear()
+        self._gain = self._gain_target = 1.0
 
-    def _drop_reply(self) -> None:
+    def _drop_reply(self, rejoin: bool) -> None:
+        """Forget a reply the user talked over before it played; with ``rejoin``
+        its audio goes back in front of the user's (still open) turn."""
         reply = self._reply
         self._stop(reply)
-        self._held = [reply.audio]
+        if rejoin:
+            self._held = [reply.audio]
         self._reply = None
         self._set_state(State.LISTENING)
 
     def heard_text(self, reply: Reply) -> str:
-        """The words of the reply the user actually heard (whole groups, plus the
-        played share of the group cut off, by sample count)."""
+        """The words of the reply the user actually heard: whole groups played,
+        plus the played share of the group cut off (by its sample count)."""
         heard = list(reply.played_groups)
         spoken = reply.decoder.spoken_text if reply.decoder else []
-        if len(spoken) > len(heard) and reply.played_in_group:
-            # Estimate the share of the cut group by an average speaking rate (~2.5 words/s).
-            words = spoken[len(heard)].split()
-            k = min(len(words), int(reply.played_in_group / SAMPLE_RATE * 2.5))
-            if k:
-                heard.append(" ".join(words[:k]) + "...")
+        idx = len(heard)
+        if idx < len(spoken) and reply.played_in_group:
+            total = reply.group_samples[idx] if idx < len(reply.group_samples) else reply.pending_samples
+            words = spoken[idx].split()
+            # Words take time in proportion to their letters, near enough.
+            share = min(1.0, reply.played_in_group / max(total, 1))
+            budget, kept = share * sum(len(w) + 1 for w in words), []
+            for w in words:
+                budget -= len(w) + 1
+                if budget < 0:
+                    break
+                kept.append(w)
+            if kept:
+                heard.append(" ".join(kept) + "...")
         return " ".join(heard)
 
-    def _finish_reply(self, reply: Reply, interrupted: bool) -> None:
+    def _text_in_flight(self) -> str:
+        reply = self._reply
+        if reply is None or reply.decoder is None:
+            return ""
+        spoken, idx = reply.decoder.spoken_text, len(reply.played_groups)
+        return spoken[idx] if idx < len(spoken) else ""
+
+    def _finish_reply(self, reply: Reply, interrupted: bool, stop_latency: float | None = None) -> None:
         if reply is not self._reply:
             return
         self._reply = None
@@ -321,7 +444,8 @@ class Session:
         self.turns += 1
         self.emit(Turn(self.now, self.turns, reply.user_text, heard, reply.user_end, reply.agent_start,
                        reply.agent_start - reply.user_end, interrupted, reply.asr_ms,
-                       reply.llm_first_token_ms, reply.first_audio_ms, reply.prefill_tokens))
+                       reply.llm_first_token_ms, reply.first_audio_ms, reply.prefill_tokens,
+                       stop_latency, reply.underruns))
 
     # -- plumbing ----------------------------------------------------------------------------------
 
@@ -334,6 +458,12 @@ class Session:
         self.events.append(event)
         if self._on_event:
             self._on_event(event)
+
+    def metrics(self) -> dict:
+        s = self.stats
+        return {"underruns": s.underruns, "interruptions": s.interruptions, "false_stops": s.false_stops,
+                "speculative_dropped": s.speculative_dropped,
+                "stop_latencies_s": [round(x, 4) for x in s.stop_latencies]}
 
     async def close(self) -> None:
         """Stop any reply and wait for its workers to finish (no work left running)."""

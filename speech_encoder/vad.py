@@ -79,6 +79,11 @@ class Endpointer:
         return []
 
     @property
+    def last_voiced_end(self) -> float:
+        """Media time just after the last voiced frame of the current turn, s."""
+        return self._last_voiced_end
+
+    @property
     def silence_ms(self) -> int:
         """Silence since the last voiced frame of the current turn."""
         return self._silent_frames * VAD_FRAME_MS if self.in_speech else 0

@@ -1,0 +1,142 @@
+"""Talking and listening at once, on the real models, through scripted replays.
+
+The user is scripted to react to the agent as a person would (cut in 1.5 s after
+it starts talking, say "yeah" while it talks), and the outputs are checked as a
+listener would hear them.
+"""
+import asyncio
+import json
+import re
+import threading
+
+import numpy as np
+import pytest
+
+from agent.config import SAMPLE_RATE
+from agent.transports.replay import Utterance, UserScript, run_script
+from speech_encoder.audio import load_audio, read_wav
+from tests.conftest import synthesize
+
+pytestmark = pytest.mark.e2e
+
+
+def say(text, tmp_path, name):
+    return load_audio(synthesize(text, tmp_path / f"{name}.wav"), SAMPLE_RATE)
+
+
+def events_of(out):
+    return [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+
+
+def agent_track(out):
+    stereo, _ = read_wav(out / "conversation.wav")
+    return stereo[:, 1]
+
+
+@pytest.fixture(scope="module")
+def interruption(engine, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("interrupt")
+    script = UserScript([
+        Utterance(say("Tell me a long story about a brave knight and a dragon.", tmp, "q1"), delay=0.3),
+        Utterance(say("Wait, stop. What is two plus two?", tmp, "q2"), delay=1.5, trigger="agent_start"),
+    ])
+    summary = asyncio.run(run_script(engine, script, tmp / "out"))
+    return tmp / "out", summary
+
+
+@pytest.fixture(scope="module")
+def backchannel(engine, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("backchannel")
+    script = UserScript([
+        Utterance(say("Tell me about the ocean in three sentences.", tmp, "q1"), delay=0.3),
+        Utterance(say("Yeah.", tmp, "bc"), delay=1.0, trigger="agent_start"),
+    ])
+    summary = asyncio.run(run_script(engine, script, tmp / "out"))
+    return tmp / "out", summary
+
+
+def test_a_cut_in_stops_the_agent_and_the_agent_stays_silent_until_it_answers(interruption):
+    out, summary = interruption
+    ev = events_of(out)
+    stop = next(e for e in ev if e["type"] == "agent_speech_end" and e["reason"] == "interrupted")
+    cut_in = summary["user_utterance_starts"][1]
+    assert stop["t"] > cut_in
+    assert summary["turns"][0]["interrupted"] and summary["turns"][0]["stop_latency"] > 0
+    restart = min(e["t"] for e in ev if e["type"] == "agent_speech_start" and e["t"] > stop["t"])
+    agent = agent_track(out)
+    assert np.max(np.abs(agent[int((stop["t"] + 0.02) * SAMPLE_RATE):int(restart * SAMPLE_RATE)])) == 0.0
+
+
+def test_the_history_keeps_only_what_was_heard_and_the_next_reply_answers_the_cut_in(interruption):
+    out, summary = interruption
+    first, second = summary["turns"][:2]
+    sent = " ".join(e["text"] for e in events_of(out) if e["type"] == "agent_text" and e["t"] < second["user_end"])
+    heard = first["agent_text"].rstrip(".").split()
+    assert 0 < len(heard) < len(sent.split())  # cut short
+    assert re.search(r"(two|2) plus (two|2)", second["user_text"].lower())
+    assert any(w in second["agent_text"].lower() for w in ("four", "4"))
+    assert not second["interrupted"]
+
+
+def test_a_backchannel_while_the_agent_speaks_is_ignored(backchannel):
+    out, summary = backchannel
+    ev = events_of(out)
+    ends = [e for e in ev if e["type"] == "agent_speech_end"]
+    assert [e["reason"] for e in ends] == ["finished"]
+    decisions = [e["decision"] for e in ev if e["type"] == "decision"]
+    assert "duck" in decisions and "reject" in decisions and "interrupt" not in decisions
+    assert len(summary["turns"]) == 1
+
+
+def test_no_click_at_chunk_seams_or_around_the_duck(backchannel):
+    out, summary = backchannel
+    agent = agent_track(out)
+    jumps = np.abs(np.diff(agent))
+    n = summary["chunk_ms"] * SAMPLE_RATE // 1000
+    seams = np.arange(n, len(agent) - 1, n) - 1
+    inside = np.delete(jumps, seams)
+    assert jumps[seams].max() <= inside.max()
+
+
+def test_each_tick_is_recorded_on_the_timeline(backchannel):
+    out, summary = backchannel
+    ticks = [json.loads(line) for line in (out / "timeline.jsonl").read_text().splitlines()]
+    assert len(ticks) == round(summary["duration_s"] * 1000 / summary["chunk_ms"]) - 1
+    assert {t["state"] for t in ticks} >= {"listening", "thinking", "speaking"}
+    assert any(t["text"] for t in ticks if t["state"] == "speaking")
+
+
+def test_cancelling_mid_sentence_leaves_no_llm_or_tts_work_running(engine):
+    """A reply cancelled after its first audio: no token generated and no audio made after that."""
+    from agent.llm import PrefixCache
+    from speech_decoder.decoder import SpeechDecoder
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        first_audio = asyncio.Event()
+        after_cancel = []
+        decoder = SpeechDecoder(engine.tts, engine.tts_executor, loop,
+                                on_audio=lambda a, t: (after_cancel.append(a) if decoder.cancelled.is_set()
+                                                       else first_audio.set()))
+        cache, stop, tokens = PrefixCache(), threading.Event(), []
+
+        def generate():
+            llm = engine.llm
+            llm.extend(cache, llm.prompt_ids([{"role": "user", "content": "Describe Paris in ten sentences."}]))
+            for piece in llm.generate(cache, 200, stop):
+                tokens.append(piece)
+                decoder.feed(piece)
+            decoder.end()
+
+        job = loop.run_in_executor(engine.model_executor, generate)
+        await first_audio.wait()
+        stop.set()
+        decoder.cancel()
+        n_at_cancel = len(tokens)
+        await job
+        await decoder.done
+        return n_at_cancel, len(tokens), after_cancel
+
+    at_cancel, total, late_audio = asyncio.run(scenario())
+    assert total <= at_cancel + 1 < 200  # at most the token in flight
+    assert late_audio == []
