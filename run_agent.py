@@ -2,6 +2,7 @@
 
     python run_agent.py models [--check] [--all]
     python run_agent.py replay --input USER.wav --out DIR
+    python run_agent.py bench latency
 """
 from __future__ import annotations
 
@@ -88,6 +89,18 @@ def cmd_replay(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    import importlib
+
+    module = importlib.import_module(f"bench.{args.bench}")
+    return module.main(args, config_from_args(args), machine())
+
+
+BENCHES = {
+    "latency": "response and barge-in stop latency through replay, with stage times",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="duplex", description="full-duplex speech-to-speech voice agent")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -106,6 +119,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--tail", type=float, default=1.0, help="seconds of silence kept after the agent finishes")
     add_config_flags(r)
     r.set_defaults(func=cmd_replay)
+
+    b = sub.add_parser("bench", help="benchmarks; they print figures with the machine they ran on")
+    bsub = b.add_subparsers(dest="bench", required=True)
+    for name, help_text in BENCHES.items():
+        bp = bsub.add_parser(name, help=help_text)
+        __import__(f"bench.{name}", fromlist=["add_arguments"]).add_arguments(bp)
+        add_config_flags(bp)
+        bp.set_defaults(func=cmd_bench)
     return p
 
 

@@ -129,9 +129,11 @@ class SessionStats:
 
 
 class Session:
-    def __init__(self, engine: Engine, on_event: Callable[[Event], None] | None = None):
+    def __init__(self, engine: Engine, on_event: Callable[[Event], None] | None = None,
+                 system_prompt: str | None = None):
         self.engine = engine
         self.config = cfg = engine.config
+        self.system_prompt = system_prompt or cfg.system_prompt  # a persona may replace the default
         self.now = 0.0  # media time at the start of the next user chunk, s
         self.events: list[Event] = []
         self.timeline = Timeline()
@@ -159,8 +161,37 @@ class Session:
         """Prefill the system prompt before the user speaks, so that the first
         turn pays only for its own words."""
         llm = self.engine.llm
-        ids = llm.prompt_ids([{"role": "system", "content": self.config.system_prompt}])
+        ids = llm.prompt_ids([{"role": "system", "content": self.system_prompt}])
         await asyncio.get_running_loop().run_in_executor(self.engine.model_executor, llm.extend, self.cache, ids)
+
+    def say(self, text: str) -> None:
+        """Speak ``text`` now, without a user turn (an opening line, a greeting).
+
+        It plays like any reply: it can be cut off, and the history records what
+        was heard as the assistant's turn. Ignored while a reply is in flight.
+        """
+        if self._reply is not None:
+            return
+        loop = asyncio.get_running_loop()
+        reply = Reply(user_end=self.now, audio=np.zeros(0, np.float32), generated=text.strip())
+        reply.t_asr_done = time.monotonic()
+        reply.decoder = SpeechDecoder(self.engine.tts, self.engine.tts_executor, loop,
+                                      on_audio=lambda a, t: self._on_audio(reply, a, t),
+                                      on_group=lambda g: self.emit(AgentText(self.now, g)))
+        self._reply = reply
+        self._set_state(State.THINKING)
+        reply.decoder.feed(text)
+        reply.decoder.end()
+
+        async def finish() -> None:
+            await reply.decoder.done
+            reply.synth_done = True
+            if not reply.decoder.spoken_text and reply is self._reply:
+                self._finish_reply(reply, interrupted=False)
+
+        task = loop.create_task(finish(), name="duplex-say")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     # -- the tick ---------------------------------------------------------------------------------
 
@@ -288,7 +319,7 @@ class Session:
         self._barge_in_pending = False
         reply.user_text = transcript.text
         self.emit(TranscriptEvent(self.now, transcript.text, transcript.no_speech_prob))
-        messages = ([{"role": "system", "content": self.config.system_prompt}] + self.history
+        messages = ([{"role": "system", "content": self.system_prompt}] + self.history
                     + [{"role": "user", "content": transcript.text}])
         reply.decoder = SpeechDecoder(engine.tts, engine.tts_executor, loop,
                                       on_audio=lambda a, t: self._on_audio(reply, a, t),
@@ -438,9 +469,12 @@ class Session:
         if not interrupted:
             self.emit(AgentSpeechEnd(self._agent_audio_end, "finished"))
         heard = reply.generated if not interrupted and reply.generated else self.heard_text(reply)
-        self.history += [{"role": "user", "content": reply.user_text},
-                         {"role": "assistant", "content": heard}]
+        if reply.user_text:
+            self.history.append({"role": "user", "content": reply.user_text})
+        self.history.append({"role": "assistant", "content": heard})
         self.history = self.history[-2 * self.config.max_history_turns:]
+        if not reply.user_text:
+            return  # a line said on the agent's own initiative answers no user turn
         self.turns += 1
         self.emit(Turn(self.now, self.turns, reply.user_text, heard, reply.user_end, reply.agent_start,
                        reply.agent_start - reply.user_end, interrupted, reply.asr_ms,

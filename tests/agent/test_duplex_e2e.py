@@ -140,3 +140,25 @@ def test_cancelling_mid_sentence_leaves_no_llm_or_tts_work_running(engine):
     at_cancel, total, late_audio = asyncio.run(scenario())
     assert total <= at_cancel + 1 < 200  # at most the token in flight
     assert late_audio == []
+
+
+def test_an_opening_line_is_spoken_and_kept_as_the_assistants_turn(engine, tmp_path):
+    from agent.session import Session
+
+    async def scenario():
+        session = Session(engine)
+        session.say("Hello, I am Duplex. How can I help?")
+        silence = np.zeros(engine.config.chunk_samples, np.float32)
+        out = []
+        for _ in range(80):
+            out.append(session.step(silence))
+            await asyncio.sleep(engine.config.chunk_ms / 1000)
+            if session.idle:
+                break
+        await session.close()
+        return session, np.concatenate(out)
+
+    session, audio = asyncio.run(scenario())
+    assert session.history == [{"role": "assistant", "content": "Hello, I am Duplex. How can I help?"}]
+    heard = engine.asr.transcribe(audio).text.lower()
+    assert "duplex" in heard or "help" in heard, heard
