@@ -7,9 +7,12 @@ loop only hands work to these executors and takes results back.
 from __future__ import annotations
 
 import logging
+import queue
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
+from typing import Callable
 
 from agent import models
 from agent.config import Config
@@ -18,6 +21,39 @@ from speech_encoder.asr import WhisperASR
 from tts.base import TTSBackend
 
 log = logging.getLogger(__name__)
+
+
+class ModelWorker:
+    """The one thread that runs the torch models, with a fast lane.
+
+    A reply's generation holds the thread for seconds, token by token. Work that
+    must not wait that long (per-chunk listening while the agent talks) goes in
+    through ``run_urgent``: it runs at once if the thread is idle, or at the
+    generation's next ``yield_point`` (between two tokens) if not.
+    """
+
+    def __init__(self) -> None:
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="duplex-model")
+        self._urgent: queue.SimpleQueue = queue.SimpleQueue()
+
+    def run_urgent(self, fn: Callable, *args) -> Future:
+        fut: Future = Future()
+        self._urgent.put((fut, partial(fn, *args)))
+        self.executor.submit(self.yield_point)
+        return fut
+
+    def yield_point(self) -> None:
+        """Run the urgent jobs waiting now. Call only from the model thread."""
+        while True:
+            try:
+                fut, job = self._urgent.get_nowait()
+            except queue.Empty:
+                return
+            if fut.set_running_or_notify_cancel():
+                try:
+                    fut.set_result(job())
+                except BaseException as e:  # handed to the waiting side, not lost
+                    fut.set_exception(e)
 
 
 @dataclass
@@ -34,7 +70,8 @@ class Engine:
         self.asr = asr
         self.llm = llm
         self.tts = tts
-        self.model_executor = ThreadPoolExecutor(1, thread_name_prefix="duplex-model")
+        self.model_worker = ModelWorker()
+        self.model_executor = self.model_worker.executor
         self.tts_executor = ThreadPoolExecutor(2, thread_name_prefix="duplex-tts")
         self.load_times: LoadTimes | None = None
 

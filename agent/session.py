@@ -344,6 +344,7 @@ class Session:
                 reply.llm_first_token_ms = (time.monotonic() - t0) * 1000
             pieces.append(piece)
             reply.decoder.feed(piece)
+            self.engine.model_worker.yield_point()  # listening work must not wait for the whole reply
         reply.generated = "".join(pieces).strip()
 
     def _on_audio(self, reply: Reply, audio: np.ndarray, text: str) -> None:

@@ -78,3 +78,30 @@ def test_the_timeline_writes_one_json_line_per_tick(tmp_path):
     tl.write(tmp_path / "t.jsonl")
     lines = (tmp_path / "t.jsonl").read_text().splitlines()
     assert len(lines) == 2 and '"decision": "duck"' in lines[1]
+
+
+def test_urgent_model_work_runs_between_the_tokens_of_a_long_job():
+    import threading
+    from agent.engine import ModelWorker
+
+    worker = ModelWorker()
+    order, started = [], threading.Event()
+    release = threading.Event()
+
+    def long_generation():
+        started.set()
+        for token in range(3):
+            release.wait()
+            order.append(f"token{token}")
+            worker.yield_point()
+
+    job = worker.executor.submit(long_generation)
+    started.wait()
+    urgent = worker.run_urgent(lambda: order.append("urgent") or "done")
+    release.set()
+    assert urgent.result(timeout=10) == "done"
+    job.result(timeout=10)
+    assert order == ["token0", "urgent", "token1", "token2"]
+    # With the thread idle, urgent work simply runs.
+    assert worker.run_urgent(lambda: 42).result(timeout=10) == 42
+    worker.executor.shutdown()
