@@ -98,6 +98,7 @@ def cmd_bench(args) -> int:
 
 BENCHES = {
     "latency": "response and barge-in stop latency through replay, with stage times",
+    "tts": "first-chunk latency and real-time factor of each TTS backend",
 }
 
 

@@ -39,7 +39,9 @@ class Config:
     language: str = field(default="en", metadata={"help": "speech language for the multilingual Whisper"})
     llm: str = field(default="qwen2.5-0.5b", metadata={"help": "chat LLM: qwen2.5-0.5b or smollm2-135m"})
     llm_dtype: str = field(default="dual", metadata={"help": "LLM compute: dual (float32 prefill, bf16 decode), bfloat16, float32"})
-    tts: str = field(default="piper", metadata={"help": "TTS backend"})
+    tts: str = field(default="piper", metadata={"help": "TTS backend: piper (embedded) or cosyvoice2"})
+    tts_model_dir: str = field(default="", metadata={"help": "CosyVoice 2 model directory (cosyvoice2.yaml, llm.pt, ...)"})
+    tts_speaker: str = field(default="", metadata={"help": "CosyVoice 2 speaker name (spk2info.pt or registered)"})
     torch_threads: int = field(default=2, metadata={"help": "torch threads for Whisper and the LLM"})
     tts_threads: int = field(default=1, metadata={"help": "onnxruntime threads for the TTS voice"})
     vad_aggressiveness: int = field(default=2, metadata={"help": "webrtcvad aggressiveness 0-3"})
@@ -59,6 +61,10 @@ class Config:
             raise ValueError(f"asr_model must be 'tiny.en' or 'base', got {self.asr_model!r}")
         if self.llm not in ("qwen2.5-0.5b", "smollm2-135m"):
             raise ValueError(f"llm must be 'qwen2.5-0.5b' or 'smollm2-135m', got {self.llm!r}")
+        if self.tts not in ("piper", "cosyvoice2"):
+            raise ValueError(f"tts must be 'piper' or 'cosyvoice2', got {self.tts!r}")
+        if self.tts == "cosyvoice2" and not self.tts_model_dir:
+            raise ValueError("tts cosyvoice2 needs tts_model_dir (--tts-model-dir DIR): its weights are in no package")
         if self.llm_dtype not in ("dual", "bfloat16", "float32"):
             raise ValueError(f"llm_dtype must be 'dual', 'bfloat16' or 'float32', got {self.llm_dtype!r}")
         if not 0 <= self.vad_aggressiveness <= 3:

@@ -64,6 +64,17 @@ class LoadTimes:
     tts_s: float
 
 
+def load_tts(config: Config, piper_dir=None) -> TTSBackend:
+    """The configured voice: Piper from the cache, or CosyVoice 2 from the user's folder."""
+    if config.tts == "cosyvoice2":
+        from tts.cosyvoice2 import CosyVoice2TTS
+
+        return CosyVoice2TTS(config.tts_model_dir, speaker=config.tts_speaker or None)
+    from tts.piper import PiperTTS
+
+    return PiperTTS(piper_dir, config.tts_threads)
+
+
 class Engine:
     def __init__(self, config: Config, asr: WhisperASR, llm: ChatLLM, tts: TTSBackend):
         self.config = config
@@ -78,20 +89,16 @@ class Engine:
     @classmethod
     def load(cls, config: Config, provision: bool = True) -> "Engine":
         """Provision (if allowed) and load the configured models; blocks for seconds."""
-        from tts.piper import PiperTTS
-
         t0 = time.monotonic()
         get = models.ensure if provision else models.require
-        names = models.names_for(config.asr_model, config.llm)
+        names = models.names_for(config.asr_model, config.llm, config.tts)
         paths = {n: get(config.cache_dir, n) for n in names}
         t1 = time.monotonic()
         asr = WhisperASR(paths[names[0]] / "model.pt", config.language, config.torch_threads)
         t2 = time.monotonic()
         llm = ChatLLM(paths[names[1]], config.torch_threads, config.llm_dtype)
         t3 = time.monotonic()
-        if config.tts != "piper":
-            raise ValueError(f"unknown TTS backend {config.tts!r}; available: piper")
-        tts = PiperTTS(paths[names[2]], config.tts_threads)
+        tts = load_tts(config, paths.get("piper-joe"))
         t4 = time.monotonic()
         engine = cls(config, asr, llm, tts)
         engine.load_times = LoadTimes(t1 - t0, t2 - t1, t3 - t2, t4 - t3)

@@ -285,6 +285,6 @@ def check_rows(cache_dir: Path, names=None) -> list[dict]:
     return rows
 
 
-def names_for(asr_model: str, llm: str) -> tuple[str, ...]:
-    """The artifacts one engine configuration needs."""
-    return (f"whisper-{asr_model}", llm, "piper-joe")
+def names_for(asr_model: str, llm: str, tts: str = "piper") -> tuple[str, ...]:
+    """The artifacts one engine configuration needs (CosyVoice 2 brings its own folder)."""
+    return (f"whisper-{asr_model}", llm) + (("piper-joe",) if tts == "piper" else ())
