@@ -25,10 +25,13 @@ system-deps:
 models: setup
 	$(BIN)/python run_agent.py models
 
-# Until the WebRTC server lands, the main job is a replay of a bundled question.
+# The main job: voice chat in the browser over WebRTC (HOST/PORT/ARGS to change it;
+# a HOST other than 127.0.0.1 needs DUPLEX_TOKEN).
+HOST ?= 127.0.0.1
+PORT ?= 8000
 run: models
-	@echo "duplex: the WebRTC server is not built yet; replaying the bundled example $(EXAMPLE) instead."
-	$(BIN)/python run_agent.py replay --input $(EXAMPLE) --out runs/example
+	@echo "duplex: starting the voice chat; when the models are loaded, open http://$(HOST):$(PORT)/ in Chromium or Firefox."
+	$(BIN)/python run_agent.py serve --host $(HOST) --port $(PORT) $(ARGS)
 
 test: setup system-deps
 	$(BIN)/python run_agent.py models --all

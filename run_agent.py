@@ -2,7 +2,8 @@
 
     python run_agent.py models [--check] [--all]
     python run_agent.py replay --input USER.wav --out DIR
-    python run_agent.py bench latency
+    python run_agent.py serve [--host H --port P]
+    python run_agent.py bench latency|tts|webrtc
 """
 from __future__ import annotations
 
@@ -92,13 +93,14 @@ def cmd_replay(args) -> int:
 def cmd_bench(args) -> int:
     import importlib
 
-    module = importlib.import_module(f"bench.{args.bench}")
+    module = importlib.import_module(BENCHES[args.bench][0])
     return module.main(args, config_from_args(args), machine())
 
 
 BENCHES = {
-    "latency": "response and barge-in stop latency through replay, with stage times",
-    "tts": "first-chunk latency and real-time factor of each TTS backend",
+    "latency": ("bench.latency", "response and barge-in stop latency through replay, with stage times"),
+    "tts": ("bench.tts", "first-chunk latency and real-time factor of each TTS backend"),
+    "webrtc": ("web.cli", "response and barge-in stop latency at a WebRTC client over loopback"),
 }
 
 
@@ -123,11 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="benchmarks; they print figures with the machine they ran on")
     bsub = b.add_subparsers(dest="bench", required=True)
-    for name, help_text in BENCHES.items():
+    for name, (module, help_text) in BENCHES.items():
         bp = bsub.add_parser(name, help=help_text)
-        __import__(f"bench.{name}", fromlist=["add_arguments"]).add_arguments(bp)
+        __import__(module, fromlist=["add_arguments"]).add_arguments(bp)
         add_config_flags(bp)
         bp.set_defaults(func=cmd_bench)
+    __import__("web.cli", fromlist=["register"]).register(sub)  # serve
     return p
 
 

@@ -1,0 +1,27 @@
+"""Helpers of the browser-server tests (state read from the server thread, process numbers)."""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import httpx
+
+
+def sessions(server) -> int:
+    return httpx.get(server.url + "health", timeout=10).json()["sessions"]
+
+
+def wait_until(condition, timeout: float, what: str) -> None:
+    """For state that lives in the server's thread: check every 20 ms until true or the deadline."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting until {what}")
+        time.sleep(0.02)
+
+
+def process_numbers() -> tuple[int, float]:
+    """(threads, resident MB) of this process, from /proc."""
+    status = dict(line.split(":", 1) for line in Path(f"/proc/{os.getpid()}/status").read_text().splitlines())
+    return int(status["Threads"]), int(status["VmRSS"].split()[0]) / 1024
