@@ -3,6 +3,7 @@
     python run_agent.py models [--check] [--all]
     python run_agent.py replay --input USER.wav --out DIR
     python run_agent.py serve [--host H --port P]
+    python run_agent.py cli [--list-devices] [--input-device N] [--output-device N] [--no-aec] [--record DIR]
     python run_agent.py bench latency|tts|webrtc
 """
 from __future__ import annotations
@@ -131,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_config_flags(bp)
         bp.set_defaults(func=cmd_bench)
     __import__("web.cli", fromlist=["register"]).register(sub)  # serve
+    __import__("agent.transports.local_cli", fromlist=["register"]).register(sub)  # cli: microphone and speakers
     return p
 
 
