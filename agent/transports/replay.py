@@ -130,9 +130,8 @@ async def run_script(engine: Engine, script: UserScript, out_dir: Path,
         await session.close()
     user_track = np.concatenate(user + [np.zeros(n, np.float32)])
     agent_track = np.concatenate(agent)
-    write_wav(out_dir / "conversation.wav", np.stack([user_track, agent_track], axis=1), SAMPLE_RATE)
-    write_jsonl(out_dir / "events.jsonl", sorted(session.events, key=lambda e: e.t))
-    session.timeline.write(out_dir / "timeline.jsonl")
+    write_stereo(out_dir / "conversation.wav", user_track, agent_track)
+    write_session_logs(out_dir, session)
     summary = summarize(session, clock, len(user_track) / SAMPLE_RATE, script.starts)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
@@ -142,6 +141,19 @@ async def run_replay(engine: Engine, audio: np.ndarray, out_dir: Path,
                      options: ReplayOptions = ReplayOptions()) -> dict:
     """Play ``audio`` (float32 mono 16 kHz) into a new session from time 0."""
     return await run_script(engine, UserScript([Utterance(audio)]), out_dir, options)
+
+
+def write_stereo(path: Path, left: np.ndarray, right: np.ndarray) -> None:
+    """Two float32 16 kHz tracks on one timeline as a stereo WAV; the shorter is padded with silence."""
+    n = max(len(left), len(right))
+    tracks = [np.pad(x, (0, n - len(x))) for x in (left, right)]
+    write_wav(path, np.stack(tracks, axis=1), SAMPLE_RATE)
+
+
+def write_session_logs(out_dir: Path, session: Session, suffix: str = "") -> None:
+    """``events{suffix}.jsonl`` (in media-time order) and ``timeline{suffix}.jsonl`` of one session."""
+    write_jsonl(out_dir / f"events{suffix}.jsonl", sorted(session.events, key=lambda e: e.t))
+    session.timeline.write(out_dir / f"timeline{suffix}.jsonl")
 
 
 def _median(xs: list[float]) -> float | None:
