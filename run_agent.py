@@ -101,6 +101,7 @@ def cmd_bench(args) -> int:
 BENCHES = {
     "latency": ("bench.latency", "response and barge-in stop latency through replay, with stage times"),
     "tts": ("bench.tts", "first-chunk latency and real-time factor of each TTS backend"),
+    "asr": ("bench.asr", "WER offline vs streaming, per-chunk cost, end-of-speech to transcript, prefill left"),
     "webrtc": ("web.cli", "response and barge-in stop latency at a WebRTC client over loopback"),
     "duplex": ("bench.duplex", "pause, backchannel, turn-taking, interruption and noise behaviour, after Full-Duplex-Bench"),
 }

@@ -45,11 +45,15 @@ class WhisperASR:
     """A converted openai-whisper checkpoint, loaded once and shared."""
 
     def __init__(self, checkpoint: Path, language: str | None = "en", threads: int = 2):
+        """``language``: a code such as "en" or "de"; "auto" or None detects it per
+        utterance (multilingual models; an English-only model is always "en")."""
         import whisper
 
         self.threads = threads
         self.model = whisper.load_model(str(checkpoint), device="cpu")
-        self.language = language if self.model.is_multilingual else "en"
+        if not self.model.is_multilingual:
+            language = "en"
+        self.language = None if language in (None, "", "auto") else language
 
     def transcribe(self, audio: np.ndarray) -> Transcript:
         """``audio``: float32 mono 16 kHz. Blocks; call from the model worker."""

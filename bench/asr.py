@@ -1,0 +1,286 @@
+"""``run_agent.py bench asr``: streaming Whisper against offline Whisper, and what
+the incremental LLM prefill leaves for the end of the turn.
+
+On synthesized utterances (bench/data/asr_utterances.txt, voices in turn from
+Piper, flite and espeak-ng, see bench/corpus.py) it measures:
+
+- WER of offline Whisper (openai-whisper's transcribe: 30 s padded encoder, the
+  agent's WhisperASR), of one greedy pass with the window encoder (first N
+  positional embeddings, no pad) and with the padded encoder through the same
+  decoder (this isolates the positional-embedding decision), and of the
+  streaming path (speech_encoder.streaming, chunk by chunk);
+- per-chunk compute of the streaming path (p50/p95 per utterance-length bucket);
+- end of speech -> final transcript: ``finish()`` after the endpointer's
+  silence has been pushed (the moment the session learns the turn is over);
+- LLM prefill left at the end of the turn, with and without the incremental
+  adapter (speech_encoder.adapter), with the real chat model.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from agent.config import SAMPLE_RATE, Config
+
+BUCKETS = ((0, 3), (3, 6), (6, 10), (10, 15), (15, 20), (20, 1e9))
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return f"{cpu}, {os.cpu_count()} cores (load average {load:.1f}), Python {platform.python_version()}"
+
+
+# -- word error rate ---------------------------------------------------------------------------
+
+def normalizer(language: str):
+    """Whisper's own normalizers (English: numbers to digits, fillers and
+    punctuation dropped, British spellings), then adjacent digit groups joined:
+    "seven thirty" normalizes to "730", so "7:30", "7.30" and "7 30" must too,
+    and "555-1234" reads as "five five five, one two three four"."""
+    from whisper.normalizers import BasicTextNormalizer, EnglishTextNormalizer
+
+    base = EnglishTextNormalizer() if language == "en" else BasicTextNormalizer()
+
+    def norm(text: str) -> list[str]:
+        s = base(text)
+        words = re.sub(r"[^\w\s]", " ", s).split()
+        out: list[str] = []
+        for w in words:
+            if out and w.isdigit() and out[-1].isdigit():
+                out[-1] += w
+            else:
+                out.append(w)
+        return out
+
+    return norm
+
+
+def edit_distance(ref: list[str], hyp: list[str]) -> int:
+    """Word-level Levenshtein distance (substitutions + deletions + insertions)."""
+    prev = list(range(len(hyp) + 1))
+    for i, r in enumerate(ref, 1):
+        cur = [i] + [0] * len(hyp)
+        for j, h in enumerate(hyp, 1):
+            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (r != h))
+        prev = cur
+    return prev[-1]
+
+
+def wer(refs: list[str], hyps: list[str], language: str = "en") -> float:
+    norm = normalizer(language)
+    errors = words = 0
+    for r, h in zip(refs, hyps):
+        rw = norm(r)
+        errors += edit_distance(rw, norm(h))
+        words += len(rw)
+    return errors / max(1, words)
+
+
+def pct(values, q: float) -> float:
+    return float(np.percentile(values, q)) if len(values) else float("nan")
+
+
+# -- the runs ----------------------------------------------------------------------------------
+
+def stream_utterance(st, audio: np.ndarray, chunk: int, tail_silence_s: float):
+    """Push ``audio`` and ``tail_silence_s`` of silence chunk by chunk, then finish.
+    Returns (hypotheses, final hypothesis, finish wall time ms)."""
+    st.reset()
+    x = np.concatenate([audio, np.zeros(int(tail_silence_s * SAMPLE_RATE), np.float32)])
+    x = np.concatenate([x, np.zeros(-len(x) % chunk, np.float32)])
+    hyps = [st.push(x[i:i + chunk]) for i in range(0, len(x), chunk)]
+    t0 = time.perf_counter()
+    final = st.finish()
+    return hyps, final, (time.perf_counter() - t0) * 1000
+
+
+def prefill_costs(llm, system_prompt: str, hyps, final_text: str) -> dict:
+    """End-of-turn prefill with the adapter fed chunk by chunk, and without (the
+    whole user message prefilled once the turn has ended)."""
+    from agent.llm import PrefixCache
+    from speech_encoder.adapter import TextAdapter
+
+    messages = [{"role": "system", "content": system_prompt}]
+    base = PrefixCache()
+    llm.extend(base, llm.prompt_ids(messages))
+    full = llm.prompt_ids(messages + [{"role": "user", "content": final_text}])
+    t0 = time.perf_counter()
+    without_tokens = llm.extend(base, full)
+    without_ms = (time.perf_counter() - t0) * 1000
+
+    cache = PrefixCache()
+    llm.extend(cache, llm.prompt_ids(messages))
+    adapter = TextAdapter(llm, cache)
+    adapter.begin(messages)
+    during = [adapter.update(h) for h in hyps]
+    end = adapter.finalize(final_text)
+    assert cache.ids == full, "the adapter's prompt differs from the template's"
+    return {"without_tokens": without_tokens, "without_ms": without_ms,
+            "with_tokens": end.tokens, "with_ms": end.ms,
+            "during_tokens": sum(p.tokens for p in during), "during_ms": sum(p.ms for p in during),
+            "update_ms": [p.ms for p in during if p.tokens]}
+
+
+def run(config: Config, out_path: Path | None = None, limit: int | None = None,
+        adapter_limit: int = 40, nopad_limit: int = 30, verbose: bool = True) -> dict:
+    """The whole benchmark; returns (and with ``out_path`` writes as JSON) its figures."""
+    import torch
+
+    from agent import models
+    from bench.corpus import asr_test_set
+    from speech_encoder.asr import WhisperASR
+    from speech_encoder.streaming import StreamingOptions, StreamingTranscriber
+
+    say = print if verbose else (lambda *a, **k: None)
+    say(f"machine: {machine()}")
+    path = models.ensure(config.cache_dir, f"whisper-{config.asr_model}")
+    asr = WhisperASR(path / "model.pt", config.language, threads=1)
+    st = StreamingTranscriber.from_asr(asr, StreamingOptions(), model_name=config.asr_model)
+    t0 = time.monotonic()
+    utts = asr_test_set(config.cache_dir, limit)
+    say(f"{len(utts)} utterances synthesized in {time.monotonic() - t0:.0f} s "
+        f"({sum(u.seconds for u in utts) / 60:.1f} min of speech); chunk {config.chunk_ms} ms, "
+        f"Whisper {config.asr_model}, 1 torch thread")
+
+    chunk = config.chunk_samples
+    tail_s = config.endpoint_silence_ms / 1000
+    rows = []
+    for n, u in enumerate(utts):
+        torch.set_num_threads(1)
+        t = time.perf_counter()
+        offline = asr.transcribe(u.audio).text
+        offline_ms = (time.perf_counter() - t) * 1000
+        window = st.transcribe_whole(u.audio, pad=False)
+        padded = st.transcribe_whole(u.audio, pad=True)
+        # No padding at all loops (measured 93% WER), slowly: only on the first utterances.
+        unpadded = st.transcribe_whole(u.audio, pad_frames=0) if n < nopad_limit else None
+        hyps, final, finish_ms = stream_utterance(st, u.audio, chunk, tail_s)
+        rows.append({"id": u.id, "voice": u.voice, "seconds": u.seconds, "ref": u.text,
+                     "offline": offline, "offline_ms": offline_ms, "window": window, "padded": padded,
+                     "unpadded": unpadded, "chunk_cpu_ms": [h.cpu_ms for h in hyps],
+                     "streaming": final.committed, "finish_ms": finish_ms,
+                     "chunk_ms": [h.compute_ms for h in hyps], "steps": sum(h.encoder_frames > 0 for h in hyps),
+                     "max_encoder_frames": max([h.encoder_frames for h in hyps] + [0]),
+                     "committed_changes": sum(1 for a, b in zip(hyps, hyps[1:]) if a.committed != b.committed),
+                     "_hyps": hyps})
+        if verbose and (n % 10 == 0 or n == len(utts) - 1):
+            say(f"  [{n + 1}/{len(utts)}] {u.voice:12} {u.seconds:4.1f} s  ref: {u.text[:60]}\n"
+                f"      offline: {offline[:60]}\n      stream:  {final.committed[:60]}")
+
+    refs = [r["ref"] for r in rows]
+    lang = config.language if config.language not in ("auto", "") else "en"
+    result = {"machine": machine(), "utterances": len(rows), "chunk_ms": config.chunk_ms,
+              "asr_model": config.asr_model,
+              "wer": {k: wer(refs, [r[k] for r in rows], lang) for k in ("offline", "padded", "window", "streaming")},
+              "wer_by_voice": {}, "per_chunk_ms": {}, "finish_ms_p50": pct([r["finish_ms"] for r in rows], 50),
+              "finish_ms_p95": pct([r["finish_ms"] for r in rows], 95),
+              "offline_ms_p50": pct([r["offline_ms"] for r in rows], 50),
+              "max_encoder_frames": max(r["max_encoder_frames"] for r in rows),
+              "steps_per_s": sum(r["steps"] for r in rows) / sum(len(r["chunk_ms"]) * config.chunk_ms / 1000 for r in rows),
+              "rtf": sum(sum(r["chunk_ms"]) for r in rows) / sum(len(r["chunk_ms"]) * config.chunk_ms for r in rows)}
+    sub = [r for r in rows if r["unpadded"] is not None]
+    result["wer_unpadded"] = {"utterances": len(sub), "unpadded": wer([r["ref"] for r in sub], [r["unpadded"] for r in sub], lang),
+                              "window": wer([r["ref"] for r in sub], [r["window"] for r in sub], lang),
+                              "padded": wer([r["ref"] for r in sub], [r["padded"] for r in sub], lang)}
+    for voice in sorted({r["voice"] for r in rows}):
+        sub = [r for r in rows if r["voice"] == voice]
+        result["wer_by_voice"][voice] = {k: wer([r["ref"] for r in sub], [r[k] for r in sub], lang)
+                                         for k in ("offline", "streaming")}
+    for lo, hi in BUCKETS:
+        sub = [r for r in rows if lo <= r["seconds"] < hi]
+        if not sub:
+            continue
+        all_ms = [m for r in sub for m in r["chunk_ms"]]
+        cpu = [m for r in sub for m in r["chunk_cpu_ms"]]
+        result["per_chunk_ms"][f"{lo}-{hi if hi < 1e9 else 'inf'} s"] = {
+            "utterances": len(sub), "chunks": len(all_ms), "p50": pct(all_ms, 50), "p95": pct(all_ms, 95),
+            "cpu_p50": pct(cpu, 50), "cpu_p95": pct(cpu, 95)}
+
+    if adapter_limit and config.llm:
+        from agent.llm import ChatLLM
+
+        llm = ChatLLM(models.ensure(config.cache_dir, config.llm), threads=1, dtype=config.llm_dtype)
+        costs = []
+        for r in rows[:adapter_limit]:
+            if r["streaming"]:
+                costs.append(prefill_costs(llm, config.system_prompt, r["_hyps"], r["streaming"]))
+        result["prefill"] = {
+            "llm": config.llm, "utterances": len(costs),
+            "without_tokens_p50": pct([c["without_tokens"] for c in costs], 50),
+            "without_ms_p50": pct([c["without_ms"] for c in costs], 50),
+            "with_tokens_p50": pct([c["with_tokens"] for c in costs], 50),
+            "with_tokens_p95": pct([c["with_tokens"] for c in costs], 95),
+            "with_ms_p50": pct([c["with_ms"] for c in costs], 50),
+            "with_ms_p95": pct([c["with_ms"] for c in costs], 95),
+            "update_ms_p50": pct([m for c in costs for m in c["update_ms"]], 50),
+            "update_ms_p95": pct([m for c in costs for m in c["update_ms"]], 95),
+            "during_tokens_mean": statistics.fmean([c["during_tokens"] for c in costs]) if costs else 0.0,
+        }
+    for r in rows:
+        del r["_hyps"]
+    result["rows"] = rows
+    report(result, say)
+    if out_path:
+        Path(out_path).write_text(json.dumps(result, indent=1))
+    return result
+
+
+def report(res: dict, say=print) -> None:
+    w = res["wer"]
+    say(f"\nASR benchmark: {res['utterances']} utterances, Whisper {res['asr_model']}, chunk {res['chunk_ms']} ms")
+    say(f"machine: {res['machine']}")
+    say(f"WER  offline (openai-whisper transcribe, 30 s pad): {w['offline']:.1%}")
+    say(f"     one pass, padded encoder:                    {w['padded']:.1%}")
+    say(f"     one pass, window encoder (first N positions, 1 s pad): {w['window']:.1%}")
+    u = res["wer_unpadded"]
+    say(f"     first {u['utterances']} utterances: window without pad {u['unpadded']:.1%}, "
+        f"with 1 s pad {u['window']:.1%}, padded to 30 s {u['padded']:.1%}")
+    say(f"     streaming:                                   {w['streaming']:.1%}"
+        f"  ({w['streaming'] / max(w['offline'], 1e-9):.2f}x offline)")
+    for voice, v in res["wer_by_voice"].items():
+        say(f"     {voice:14} offline {v['offline']:.1%}  streaming {v['streaming']:.1%}")
+    say(f"per-chunk compute (half a chunk = {res['chunk_ms'] / 2:.0f} ms):")
+    for bucket, b in res["per_chunk_ms"].items():
+        say(f"     {bucket:9} {b['utterances']:3} utt {b['chunks']:5} chunks  wall p50 {b['p50']:6.1f} p95 {b['p95']:6.1f} ms"
+            f"  cpu p50 {b['cpu_p50']:6.1f} p95 {b['cpu_p95']:6.1f} ms")
+    say(f"     steps per second of audio {res['steps_per_s']:.1f}; compute / audio time {res['rtf']:.2f}")
+    say(f"end of speech -> final transcript: p50 {res['finish_ms_p50']:.1f} ms, p95 {res['finish_ms_p95']:.1f} ms"
+        f"  (offline transcribe p50 {res['offline_ms_p50']:.0f} ms)")
+    say(f"most encoder positions in one step: {res['max_encoder_frames']}")
+    p = res.get("prefill")
+    if p:
+        say(f"prefill left at end of turn ({p['llm']}, {p['utterances']} utterances):")
+        say(f"     without adapter: p50 {p['without_tokens_p50']:.0f} tokens, {p['without_ms_p50']:.0f} ms")
+        say(f"     with adapter:    p50 {p['with_tokens_p50']:.0f} tokens, {p['with_ms_p50']:.1f} ms "
+            f"(p95 {p['with_tokens_p95']:.0f} tokens, {p['with_ms_p95']:.1f} ms)")
+        say(f"     adapter updates during the turn: p50 {p['update_ms_p50']:.0f} ms, p95 {p['update_ms_p95']:.0f} ms, "
+            f"{p['during_tokens_mean']:.0f} tokens per turn")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--limit", type=int, default=None, help="only the first N utterances")
+    parser.add_argument("--adapter-limit", type=int, default=40, help="utterances for the prefill measurement (0: skip)")
+    parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
+
+
+def main(args: argparse.Namespace, config: Config, machine_name: str) -> int:
+    """``run_agent.py bench asr`` (the engine flags are added by run_agent.py)."""
+    run(config, args.out, args.limit, args.adapter_limit)
+    return 0

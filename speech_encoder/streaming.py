@@ -1,0 +1,534 @@
+"""Streaming Whisper: a hypothesis of the user's words after every chunk.
+
+One ``StreamingTranscriber`` per session, sharing the loaded Whisper model. Each
+``push`` appends a chunk to an incremental log-mel (speech_encoder/mel.py) and,
+when there is new speech, takes one *step*:
+
+1. Encoder on the current window only. Whisper was trained on 30 s inputs; here
+   the window's N encoder positions get the first N positional embeddings (the
+   audio starts at position 0 as in training) and the window is followed by 1 s
+   of Whisper's padding instead of the rest of 30 s, so a 3 s window costs an
+   eighth of a 30 s pad. Without that second of padding the decoder never sees
+   where the audio ends and repeats itself (see ``tail_pad_s``); bench/asr.py
+   measures the WER of each against the padded encoder.
+2. Decoder: the committed text of the window is forced as a prefix (one batched
+   forward), text committed before the window goes in as the previous-text
+   prompt, and only the tail is decoded greedily (a few tokens per step).
+3. Commit policy, local agreement: the longest common prefix of the tails of two
+   consecutive steps is committed, whole words only and never the last word of
+   a tail (a later chunk could still extend it). Since committed tokens are
+   forced, later steps cannot contradict them: committed text only grows. The one
+   revision is at ``finish``, when the whole utterance turns out to be a
+   hallucination; it is reported as a rollback.
+
+Guards against Whisper's inventions: nothing runs until webrtcvad hears speech;
+a step whose no-speech probability is high and log-probability low, or whose
+text is repetitive (a repeated n-gram loop, zlib compression ratio above 2.4),
+commits nothing; the final text goes through asr.is_hallucination.
+
+Bounded cost for long speech: when the window grows past ``max_window_s`` it is
+cut at the end of a committed word (found by aligning the committed tokens with
+the audio through the cross-attention heads, as Whisper's word timestamps do);
+older audio and mel frames are dropped and their words become the prompt.
+Silence longer than ``max_silence_s`` inside a turn is not appended at all.
+"""
+from __future__ import annotations
+
+import time
+import zlib
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from agent.config import SAMPLE_RATE, VAD_FRAME_MS
+from speech_encoder.asr import Transcript, is_hallucination
+from speech_encoder.mel import HOP, StreamingMel
+from speech_encoder.vad import FRAME_SAMPLES, Endpointer
+
+FRAMES_PER_S = SAMPLE_RATE // HOP  # mel frames: 100 per second; encoder positions: 50
+NO_SPACE_LANGUAGES = frozenset({"zh", "ja", "th", "lo", "my", "yue"})
+
+
+@dataclass(frozen=True)
+class StreamingOptions:
+    max_window_s: float = 8.0  # cut the window once it is longer than this
+    hard_window_s: float = 12.0  # ... and commit everything when no word can be cut before this
+    min_step_s: float = 0.5  # no step on less audio than this (Whisper invents on a syllable)
+    preroll_ms: int = 300  # audio kept before the first voiced frame
+    max_silence_s: float = 1.0  # silence inside a turn kept in the window, beyond which it is skipped
+    prompt_tokens: int = 96  # committed tokens carried into the window as previous text
+    vad_aggressiveness: int = 2
+    no_speech_threshold: float = 0.6
+    logprob_threshold: float = -1.0
+    compression_ratio_threshold: float = 2.4
+    # The window is followed by this much of Whisper's padding (50 encoder positions
+    # per second). Measured, one greedy pass over whole utterances (tiny.en): with no
+    # pad and no loop guard the decoder, never seeing where the audio stops, loops
+    # (93% WER on 20 utterances; 13% with 0.5 s, 11.6% with 1 s, 11.0% padded to
+    # 30 s). With the loop guard of ``repeated_tail`` no pad and 1 s pad tie (6.6%
+    # on 30 utterances, bench/asr.py); the second is kept as a cheap safety margin.
+    tail_pad_s: float = 1.0
+    pad_encoder: bool = False  # True: pad every window to 30 s as openai-whisper does (for comparison)
+    # A step runs only once the audio since the last one is at least the last step's
+    # cost / duty: the model thread (shared with the LLM) stays about this busy.
+    duty: float = 0.5
+    max_step_interval_s: float = 1.0  # ... but at least one step per this much audio
+    # ... and never more often than this: consecutive steps a chunk apart see almost
+    # the same window, so local agreement would commit their shared mistakes.
+    min_stride_s: float = 0.96
+    detect_after_s: float = 2.0  # language detection ("auto") waits for this much window
+    threads: int = 1  # torch threads for a step (2 threads on 2 busy cores ran 10x slower than 1)
+
+
+@dataclass(frozen=True)
+class Hypothesis:
+    """What the transcriber believes after one push.
+
+    committed: text that will not change (unless ``rollback`` says so); across the
+        pushes of one utterance each committed text starts with the previous one.
+    tentative: the current guess that follows it; may change on every push.
+    revision: counts changes of the committed text (commits and rollbacks).
+    rollback: None, or the number of characters of the previous committed text
+        that still stand when it was revised (0: all of it was withdrawn).
+    audio_s / window_s: audio pushed in this utterance / audio in the encoder window, s.
+    compute_ms: wall time of this push; encoder_frames / decoded_tokens: its work
+        (0 when no step ran).
+    """
+
+    committed: str = ""
+    tentative: str = ""
+    revision: int = 0
+    rollback: int | None = None
+    audio_s: float = 0.0
+    window_s: float = 0.0
+    compute_ms: float = 0.0
+    cpu_ms: float = 0.0  # CPU time of this thread in the push (less sensitive to other load than wall time)
+    encoder_frames: int = 0
+    decoded_tokens: int = 0
+    no_speech_prob: float = 1.0
+    silence_ms: int = 0  # unvoiced audio since the last voiced frame (0 before any speech)
+    language: str = "en"
+    final: bool = False
+
+    @property
+    def text(self) -> str:
+        return (self.committed + self.tentative).strip()
+
+
+@dataclass(frozen=True)
+class Step:
+    """One pass of the model over a window: the tail it decoded after the forced prefix."""
+
+    tail: list  # token ids after the committed ones (no end-of-text)
+    logprob: float  # sum over the tail
+    no_speech_prob: float
+    encoder_frames: int
+
+
+def encode(model, mel: torch.Tensor, pad_frames: int = 0) -> torch.Tensor:
+    """Whisper's encoder on a window of any length.
+
+    mel: [n_mels, n] normalized log-mel; ``pad_frames`` of zeros are appended
+    first (0 is the value openai-whisper pads its 30 s input with; pad_frames =
+    3000 - n reproduces that). Returns [1, ceil((n + pad_frames) / 2), d_model]:
+    position j gets positional embedding j, so the window starts at position 0
+    as training audio does.
+    """
+    enc = model.encoder
+    x = F.pad(mel, (0, max(0, pad_frames)))
+    x = F.gelu(enc.conv1(x[None]))
+    x = F.gelu(enc.conv2(x)).permute(0, 2, 1)
+    x = x + enc.positional_embedding[:x.shape[1]]
+    for block in enc.blocks:
+        x = block(x)
+    return enc.ln_post(x)
+
+
+@lru_cache(maxsize=None)
+def _tokenizer(multilingual: bool, num_languages: int, language: str | None):
+    from whisper.tokenizer import get_tokenizer
+
+    return get_tokenizer(multilingual, num_languages=num_languages, language=language, task="transcribe")
+
+
+def _alignment_heads(model, name: str | None) -> list[tuple[int, int]]:
+    """(layer, head) pairs of the decoder's cross-attention that follow the audio:
+    openai-whisper's published set for a known model, else every head of the
+    upper half of the layers (its own default)."""
+    import base64
+    import gzip
+
+    import whisper
+
+    dims = model.dims
+    dump = whisper._ALIGNMENT_HEADS.get(name or "")
+    if dump is not None:
+        mask = np.frombuffer(gzip.decompress(base64.b85decode(dump)), dtype=bool)
+        mask = mask.reshape(dims.n_text_layer, dims.n_text_head)
+    else:
+        mask = np.zeros((dims.n_text_layer, dims.n_text_head), dtype=bool)
+        mask[dims.n_text_layer // 2:] = True
+    return [(int(a), int(b)) for a, b in zip(*np.nonzero(mask))]
+
+
+def compression_ratio(text: str) -> float:
+    raw = text.encode("utf-8")
+    return len(raw) / max(1, len(zlib.compress(raw)))
+
+
+def repeated_tail(tokens: list, max_ngram: int = 16) -> int:
+    """How many trailing tokens repeat what comes just before them: a phrase of 4+
+    tokens said twice in a row, or a shorter one three times (a word said twice,
+    "no, no", is ordinary speech). Returns the count to drop (0: no loop)."""
+    for n in range(1, max_ngram + 1):
+        repeats = 2 if n >= 4 else 3
+        if len(tokens) < n * repeats:
+            continue
+        gram = tokens[-n:]
+        if all(tokens[len(tokens) - (k + 1) * n:len(tokens) - k * n] == gram for k in range(repeats)):
+            return n * (repeats - 1)
+    return 0
+
+
+class StreamingTranscriber:
+    """Streaming transcription of one speaker's utterances, chunk by chunk.
+
+    model: a loaded openai-whisper model (shared; only read). language: a code
+    such as "en" or "de", or None / "auto" to detect it once per utterance
+    (multilingual models). model_name: "tiny.en", "base", ... selects the
+    cross-attention heads used to find word boundaries when the window is cut.
+    All methods block; call them from the model worker thread.
+    """
+
+    def __init__(self, model, language: str | None = "en", options: StreamingOptions = StreamingOptions(),
+                 model_name: str | None = None):
+        self.model = model
+        self.options = options
+        self.fixed_language = None if language in (None, "auto") or not model.is_multilingual else language
+        if not model.is_multilingual:
+            self.fixed_language = "en"
+        self._heads = _alignment_heads(model, model_name)
+        self._vad = Endpointer(options.vad_aggressiveness)
+        self.reset()
+
+    @classmethod
+    def from_asr(cls, asr, options: StreamingOptions = StreamingOptions(), model_name: str | None = None):
+        """Share the model of a loaded speech_encoder.asr.WhisperASR."""
+        return cls(asr.model, asr.language, options, model_name)
+
+    def reset(self, forget_language: bool = False) -> None:
+        """Forget the utterance: the next push starts a new one. A detected language
+        is kept (the same user goes on speaking) unless ``forget_language``."""
+        self._mel = StreamingMel(self.model.dims.n_mels)
+        self._frame_buf = np.zeros(0, np.float32)  # samples short of a whole VAD frame
+        self._preroll: list[np.ndarray] = []  # frames before speech, or in a long silence
+        self._voiced: list[bool] = []  # per VAD frame of the window (frame 0 = window start)
+        self._win_frame = 0  # absolute mel frame where the window starts
+        self._heard = False  # a voiced frame has been seen in this utterance
+        self._silent_run = 0  # unvoiced VAD frames in a row
+        self._dirty = False  # audio the model has not seen yet includes speech (or its end)
+        if forget_language or not hasattr(self, "language"):
+            self.language = self.fixed_language
+        self._prompt: list[int] = []  # committed tokens before the window
+        self._committed: list[int] = []  # committed tokens inside the window
+        self._committed_text = ""
+        self._tail: list[int] = []  # tentative tokens of the last step
+        self._tail_logprob = 0.0  # their mean log-probability
+        self._committed_logprob, self._committed_count = 0.0, 0
+        self._last_nsp = 1.0
+        self._revision = 0
+        self.audio_s = 0.0
+        self._since_step, self._step_cost = 0.0, 0.0  # audio since the last step, s; its wall time, s
+
+    # -- audio in ---------------------------------------------------------------------------------
+
+    def push(self, chunk: np.ndarray) -> Hypothesis:
+        """Append a chunk (float32 mono 16 kHz, any length) and update the hypothesis."""
+        t0 = time.perf_counter(), time.thread_time()
+        torch.set_num_threads(self.options.threads)
+        chunk = np.asarray(chunk, dtype=np.float32).reshape(-1)
+        self.audio_s += len(chunk) / SAMPLE_RATE
+        buf = np.concatenate([self._frame_buf, chunk])
+        whole = len(buf) - len(buf) % FRAME_SAMPLES
+        self._frame_buf = buf[whole:]
+        for i in range(0, whole, FRAME_SAMPLES):
+            self._take_frame(buf[i:i + FRAME_SAMPLES])
+        self._since_step += len(chunk) / SAMPLE_RATE
+        step = None
+        o = self.options
+        min_s = max(o.min_step_s, o.detect_after_s if self.language is None else 0.0)
+        if (self._dirty and self._window_s() >= min_s
+                and self._since_step >= max(o.min_stride_s, min(self._step_cost / o.duty, o.max_step_interval_s))):
+            step = self._step()
+            self._step_cost = time.perf_counter() - t0[0]
+            self._since_step = 0.0
+        return self._hypothesis(t0, step)
+
+    def _take_frame(self, frame: np.ndarray) -> None:
+        voiced = self._vad.is_speech(frame)
+        o = self.options
+        if voiced:
+            if self._preroll:  # speech starts or resumes: keep the audio just before it
+                keep = self._preroll[-max(1, o.preroll_ms // VAD_FRAME_MS):]
+                for f in keep:
+                    self._append(f, False)
+                self._preroll = []
+            self._heard, self._silent_run, self._dirty = True, 0, True
+            self._append(frame, True)
+            return
+        self._silent_run += 1
+        if not self._heard or self._silent_run * VAD_FRAME_MS > o.max_silence_s * 1000:
+            # Before speech, and deep in a pause, audio waits outside the window.
+            self._preroll = (self._preroll + [frame])[-max(1, o.preroll_ms // VAD_FRAME_MS):]
+            return
+        self._append(frame, False)
+        if self._silent_run == 1:
+            self._dirty = True  # one more step sees the end of the speech
+
+    def _append(self, frame: np.ndarray, voiced: bool) -> None:
+        self._mel.push(frame)
+        self._voiced.append(voiced)
+
+    def _window_s(self) -> float:
+        return (self._mel.n_frames - self._win_frame) / FRAMES_PER_S
+
+    # -- the model ------------------------------------------------------------------------------
+
+    @property
+    def tokenizer(self):
+        m = self.model
+        return _tokenizer(m.is_multilingual, m.num_languages, self.language if m.is_multilingual else None)
+
+    @torch.inference_mode()
+    def _step(self) -> Step:
+        self._dirty = False
+        mel = self._mel.window(self._win_frame)
+        audio = encode(self.model, mel, self._pad_frames(mel.shape[1]))
+        if self.language is None:
+            self.language = self._detect_language(mel)
+        # The tail covers the audio after the committed words: a step adds a few
+        # tokens to the last one; a longer tail is Whisper looping at the cut-off end.
+        step = self._decode(audio, len(self._tail) + 6 + int(8 * self._since_step))
+        self._last_nsp = step.no_speech_prob
+        tail = step.tail
+        if self._rejected(step):
+            tail = []
+        self._agree(tail, step)
+        if self._window_s() > self.options.max_window_s:
+            self._cut(audio)
+        return step
+
+    def _pad_frames(self, n: int, pad: bool | None = None) -> int:
+        if self.options.pad_encoder if pad is None else pad:
+            return 3000 - n
+        return int(self.options.tail_pad_s * FRAMES_PER_S)
+
+    def _detect_language(self, mel: torch.Tensor) -> str:
+        # The window encoder guesses languages badly (German speech: "en" at 1.6 s,
+        # "la" at 5 s); padded to 30 s it says "de" from 1.6 s on. One padded pass,
+        # once per session: the language is kept across utterances.
+        audio = encode(self.model, mel, 3000 - mel.shape[1])
+        tok = _tokenizer(True, self.model.num_languages, None)
+        logits = self.model.decoder(torch.tensor([[tok.sot]]), audio)[0, -1]
+        langs = torch.tensor(tok.all_language_tokens)
+        return tok.all_language_codes[int(torch.argmax(logits[langs]))]
+
+    def _prefix(self) -> tuple[list[int], int]:
+        """Decoder input up to the tail: previous-text prompt, start-of-transcript
+        sequence, committed window tokens; and the index of the start token."""
+        tok = self.tokenizer
+        prompt = self._prompt[-self.options.prompt_tokens:]
+        head = [tok.sot_prev] + prompt if prompt else []
+        return head + list(tok.sot_sequence_including_notimestamps) + self._committed, len(head)
+
+    def _decode(self, audio: torch.Tensor, max_new: int) -> Step:
+        """Greedy decoding of the tail after the forced committed prefix (kv-cached)."""
+        tok, model = self.tokenizer, self.model
+        prefix, sot_index = self._prefix()
+        suppress = torch.zeros(model.dims.n_vocab, dtype=torch.bool)
+        suppress[tok.eot + 1:] = True  # special and timestamp tokens
+        suppress[list(tok.non_speech_tokens)] = True
+        max_new = min(model.dims.n_text_ctx // 2, max_new)
+        cache, hooks = model.install_kv_cache_hooks()
+        tail, logprob = [], 0.0
+        try:
+            logits = model.decoder(torch.tensor([prefix]), audio, kv_cache=cache)[0]
+            nsp = float(logits[sot_index].float().softmax(-1)[tok.no_speech])
+            last = logits[-1].float()
+            for _ in range(max_new):
+                last = last.masked_fill(suppress, -np.inf)
+                if not self._committed and not tail:  # Whisper's SuppressBlank at the start
+                    last[tok.encode(" ") + [tok.eot]] = -np.inf
+                logp = last.log_softmax(-1)
+                nxt = int(torch.argmax(logp))
+                if nxt == tok.eot:
+                    break
+                tail.append(nxt)
+                logprob += float(logp[nxt])
+                cut = min(len(tail), repeated_tail(self._committed + tail))
+                if cut:  # Whisper looping (often at the cut-off end of the window)
+                    del tail[-cut:]
+                    break
+                last = model.decoder(torch.tensor([[nxt]]), audio, kv_cache=cache)[0, -1].float()
+        finally:
+            for h in hooks:
+                h.remove()
+        return Step(tail, logprob, nsp, audio.shape[1])
+
+    def _rejected(self, step: Step) -> bool:
+        o = self.options
+        if not step.tail:
+            return False
+        avg = step.logprob / len(step.tail)
+        if step.no_speech_prob > o.no_speech_threshold and avg < o.logprob_threshold:
+            return True
+        text = self.tokenizer.decode(self._committed + step.tail)
+        return compression_ratio(text) > o.compression_ratio_threshold
+
+    # -- commit policy ----------------------------------------------------------------------------
+
+    def _word_start(self, token: int) -> bool:
+        return self.language in NO_SPACE_LANGUAGES or self.tokenizer.decode([token]).startswith(" ")
+
+    def _agree(self, tail: list[int], step: Step) -> None:
+        """Local agreement: commit the whole words two consecutive tails share."""
+        prev, n = self._tail, 0
+        while n < min(len(prev), len(tail)) and prev[n] == tail[n]:
+            n += 1
+        if n == len(tail):
+            n -= 1  # the tail's last word could still grow: never commit it
+        while n > 0 and not self._word_start(tail[n]):
+            n -= 1  # back to the start of the word the agreement ends in
+        while n > 0 and self.tokenizer.decode(tail[:n]).endswith("\ufffd"):
+            n -= 1  # a character split across tokens
+        avg = step.logprob / max(1, len(step.tail))
+        if n > 0:
+            self._commit(tail[:n], avg)
+        self._tail, self._tail_logprob = (tail[n:] if n > 0 else tail), avg
+
+    def _commit(self, tokens: list[int], avg_logprob: float) -> None:
+        self._committed += tokens
+        self._committed_text += self.tokenizer.decode(tokens)
+        self._committed_logprob += avg_logprob * len(tokens)
+        self._committed_count += len(tokens)
+        self._revision += 1
+
+    # -- bounded window ----------------------------------------------------------------------------
+
+    def _cut(self, audio: torch.Tensor) -> None:
+        """Move the window's start past committed words; drop the audio before it."""
+        o = self.options
+        cut = None
+        if self._committed:
+            bounds = self._word_boundaries(audio)
+            # The latest boundary in a pause, else the latest; at least 1 s into the window.
+            ok = [(k, t) for k, t in bounds if 1.0 <= t <= self._window_s() - 0.2]
+            paused = [(k, t) for k, t in ok if self._in_pause(t)]
+            cut = (paused or ok or [None])[-1]
+        if cut is None and self._window_s() > o.hard_window_s:
+            # Nothing agreed for a long time: take the tail as it is and start afresh.
+            if self._tail:
+                self._commit(self._tail, self._tail_logprob)
+            self._tail = []
+            cut = (len(self._committed), self._window_s())
+        if cut is None:
+            return
+        k, t = cut
+        self._prompt = (self._prompt + self._committed[:k])[-4 * o.prompt_tokens:]
+        self._committed = self._committed[k:]
+        vad_frames = int(round(t * 1000 / VAD_FRAME_MS))
+        self._win_frame += vad_frames * VAD_FRAME_MS * FRAMES_PER_S // 1000
+        self._voiced = self._voiced[vad_frames:]
+        self._mel.drop_before(self._win_frame)
+
+    def _in_pause(self, t: float, span: float = 0.06) -> bool:
+        i, r = int(t * 1000 / VAD_FRAME_MS), max(1, int(span * 1000 / VAD_FRAME_MS))
+        near = self._voiced[max(0, i - r):i + r]
+        return bool(near) and not all(near)
+
+    def _word_boundaries(self, audio: torch.Tensor) -> list[tuple[int, float]]:
+        """(k, t): committed tokens [0, k) of the window end at t seconds into it,
+        for every word boundary k among them. Cross-attention of the alignment
+        heads, standardized and median-filtered, then DTW, as in whisper.timing."""
+        from whisper.model import disable_sdpa
+        from whisper.timing import dtw, median_filter
+
+        tok, model = self.tokenizer, self.model
+        text = self._committed + self._tail
+        seq = list(tok.sot_sequence_including_notimestamps) + text + [tok.eot]
+        qks: list = [None] * len(model.decoder.blocks)
+        hooks = [b.cross_attn.register_forward_hook(lambda _m, _i, out, i=i: qks.__setitem__(i, out[-1][0]))
+                 for i, b in enumerate(model.decoder.blocks)]
+        try:
+            with disable_sdpa():
+                model.decoder(torch.tensor([seq]), audio)
+        finally:
+            for h in hooks:
+                h.remove()
+        w = torch.stack([qks[layer][head] for layer, head in self._heads]).float().softmax(-1)
+        std, mean = torch.std_mean(w, dim=-2, keepdim=True, unbiased=False)
+        w = median_filter((w - mean) / (std + 1e-8), 7).mean(0)
+        rows = w[len(tok.sot_sequence_including_notimestamps) - 1:]  # no-timestamps, text, end
+        path_rows, path_cols = dtw(-rows)
+        first = {}
+        for r, c in zip(path_rows, path_cols):
+            first.setdefault(int(r), int(c))
+        seconds = FRAMES_PER_S / 2  # encoder positions per second
+        return [(k, first.get(k + 1, 0) / seconds) for k in range(1, len(self._committed) + 1)
+                if k == len(text) or self._word_start(text[k])]
+
+    # -- hypotheses --------------------------------------------------------------------------------
+
+    def _hypothesis(self, t0: tuple[float, float], step: Step | None, **kw) -> Hypothesis:
+        committed = self._committed_text.lstrip()
+        tentative = self.tokenizer.decode(self._tail) if self._tail else ""
+        if not committed:
+            tentative = tentative.lstrip()
+        return Hypothesis(
+            committed=committed, tentative=tentative, revision=self._revision,
+            audio_s=self.audio_s, window_s=self._window_s(),
+            compute_ms=(time.perf_counter() - t0[0]) * 1000, cpu_ms=(time.thread_time() - t0[1]) * 1000,
+            encoder_frames=step.encoder_frames if step else 0,
+            decoded_tokens=len(step.tail) if step else 0,
+            no_speech_prob=self._last_nsp, language=self.language or "",
+            silence_ms=self._silent_run * VAD_FRAME_MS if self._heard else 0, **kw)
+
+    @torch.inference_mode()
+    def transcribe_whole(self, audio: np.ndarray, pad: bool | None = None, pad_frames: int | None = None) -> str:
+        """One greedy pass over a whole utterance with this module's encoder and
+        decoder, for comparisons; resets. ``pad``: the 30 s padded encoder (default:
+        the options'); ``pad_frames``: exactly this much padding instead."""
+        torch.set_num_threads(self.options.threads)
+        self.reset()
+        mel = StreamingMel(self.model.dims.n_mels)
+        mel.push(audio)
+        window = mel.window()
+        features = encode(self.model, window, self._pad_frames(window.shape[1], pad) if pad_frames is None else pad_frames)
+        if self.language is None:
+            self.language = self._detect_language(window)
+        step = self._decode(features, int(8 + 6 * len(audio) / SAMPLE_RATE))
+        text = self.tokenizer.decode(step.tail).strip()
+        self.reset()
+        return text
+
+    def finish(self) -> Hypothesis:
+        """The utterance ended: decode what is left and return the final transcript
+        (``committed``, with ``final`` set). Then ``reset`` for the next one."""
+        t0 = time.perf_counter(), time.thread_time()
+        torch.set_num_threads(self.options.threads)
+        step = None
+        if self._dirty and self._heard and self._window_s() > 0:
+            step = self._step()
+        if self._tail:
+            self._commit(self._tail, self._tail_logprob)
+            self._tail = []
+        text = self._committed_text.strip()
+        avg = self._committed_logprob / max(1, self._committed_count)
+        rollback = None
+        if text and is_hallucination(Transcript(text, self._last_nsp, avg, self.language or "")):
+            self._committed_text, rollback = "", 0
+            self._revision += 1
+        return self._hypothesis(t0, step, final=True, rollback=rollback)

@@ -1,0 +1,93 @@
+"""The text adapter: the user's words reach the LLM's KV cache while they speak.
+
+Mechanics only, so the small SmolLM2-135M stands in for the chat model.
+"""
+import pytest
+import torch
+
+from agent import models
+from agent.config import config_from
+from agent.llm import ChatLLM, PrefixCache
+from speech_encoder.adapter import TextAdapter, split_template
+from speech_encoder.streaming import Hypothesis
+
+SYSTEM = [{"role": "system", "content": "Be brief."}]
+
+
+@pytest.fixture(scope="module")
+def small_llm():
+    path = models.ensure(config_from().cache_dir, "smollm2-135m")
+    return ChatLLM(path, threads=2, dtype="float32")
+
+
+def fresh(llm, ids):
+    cache = PrefixCache()
+    llm.extend(cache, ids)
+    return cache
+
+
+def same_state(a: PrefixCache, b: PrefixCache) -> bool:
+    return (a.ids == b.ids and a.kv.get_seq_length() == b.kv.get_seq_length() == len(a.ids)
+            and torch.allclose(a.logits, b.logits, atol=1e-4) and torch.allclose(a.hidden, b.hidden, atol=1e-4))
+
+
+def hyp(committed, tentative="", silence_ms=0, rollback=None):
+    return Hypothesis(committed=committed, tentative=tentative, silence_ms=silence_ms, rollback=rollback)
+
+
+def test_the_template_is_split_around_the_users_text(small_llm):
+    head, tail = split_template(small_llm, SYSTEM)
+    assert head.endswith("user\n") and "Be brief." in head
+    assert tail.startswith("<|im_end|>") and tail.rstrip().endswith("assistant")
+
+
+def test_finalize_leaves_exactly_the_prompt_the_session_would_build(small_llm):
+    cache = PrefixCache()
+    adapter = TextAdapter(small_llm, cache)
+    adapter.begin(SYSTEM)
+    for h in [hyp("", "What"), hyp("What", " is the"), hyp("What is the", " capital of France?")]:
+        adapter.update(h)
+    adapter.finalize("What is the capital of France?")
+    expected = small_llm.prompt_ids(SYSTEM + [{"role": "user", "content": "What is the capital of France?"}])
+    assert cache.ids == expected
+    assert same_state(cache, fresh(small_llm, expected))
+    assert small_llm.extend(cache, expected) == 0  # the session's own prefill then costs nothing
+
+
+def test_after_a_revised_tentative_tail_and_a_rollback_the_cache_equals_a_fresh_prefill(small_llm):
+    cache = PrefixCache()
+    adapter = TextAdapter(small_llm, cache)
+    adapter.begin(SYSTEM)
+    adapter.update(hyp("Book a table", " for four people"))
+    adapter.update(hyp("Book a table for", " for people"))  # the tentative tail changed
+    adapter.update(hyp("", "Look", rollback=0))  # everything withdrawn
+    adapter.update(hyp("Look at the", " trains in Rome"))
+    head, _ = split_template(small_llm, SYSTEM)
+    ids = small_llm.tokenizer.encode(head + "Look at the trains in Rome", add_special_tokens=False)
+    assert same_state(cache, fresh(small_llm, ids))
+
+
+def test_growing_text_costs_only_its_new_tokens_and_little_is_left_at_the_end(small_llm):
+    cache = PrefixCache()
+    adapter = TextAdapter(small_llm, cache, tentative=False)
+    adapter.begin(SYSTEM)
+    words = "I would like to book a table for four people tomorrow evening".split()
+    costs = [adapter.update(hyp(" ".join(words[:i]))).tokens for i in range(1, len(words) + 1)]
+    assert max(costs) <= 3  # one word at a time
+    end = adapter.finalize(" ".join(words))
+    _, tail = split_template(small_llm, SYSTEM)
+    assert end.tokens <= len(small_llm.tokenizer.encode(tail, add_special_tokens=False)) + 1
+
+
+def test_a_pause_speculates_the_end_of_the_turn_so_nothing_is_left_to_prefill(small_llm):
+    cache = PrefixCache()
+    adapter = TextAdapter(small_llm, cache, end_guess_ms=200)
+    adapter.begin(SYSTEM)
+    adapter.update(hyp("Is it going", " to rain"))
+    adapter.update(hyp("Is it going to", " rain today?", silence_ms=240))
+    assert adapter.finalize("Is it going to rain today?").tokens == 0
+    # A pause that was not the end: the speculated tail is rolled back when speech goes on.
+    adapter.update(hyp("Is it going to rain today? And", " tomorrow"))
+    head, _ = split_template(small_llm, SYSTEM)
+    ids = small_llm.tokenizer.encode(head + "Is it going to rain today? And tomorrow", add_special_tokens=False)
+    assert same_state(cache, fresh(small_llm, ids))

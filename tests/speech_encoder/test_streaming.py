@@ -1,0 +1,136 @@
+"""Streaming Whisper: a hypothesis per chunk, committed text that only grows,
+no words out of silence or noise, and bounded work however long the speech."""
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+from agent import models
+from agent.config import SAMPLE_RATE, config_from
+from speech_encoder.asr import WhisperASR
+from speech_encoder.audio import load_audio
+from speech_encoder.streaming import Hypothesis, Step, StreamingOptions, StreamingTranscriber, repeated_tail
+
+CHUNK = SAMPLE_RATE * 160 // 1000
+
+
+@pytest.fixture(scope="module")
+def whisper_tiny():
+    path = models.ensure(config_from().cache_dir, "whisper-tiny.en")
+    return WhisperASR(path / "model.pt", "en", threads=1)
+
+
+@pytest.fixture
+def transcriber(whisper_tiny):
+    # A fixed stride (min_stride_s): the default also adapts to measured wall time,
+    # which would make what these tests see depend on how busy the machine is.
+    return StreamingTranscriber.from_asr(whisper_tiny, StreamingOptions(duty=1e9), model_name="tiny.en")
+
+
+def stream(st, audio, tail_s=0.5):
+    x = np.concatenate([audio, np.zeros(int(tail_s * SAMPLE_RATE), np.float32)])
+    hyps = [st.push(x[i:i + CHUNK]) for i in range(0, len(x), CHUNK)]
+    return hyps, st.finish()
+
+
+def committed_only_grows(hyps: list[Hypothesis]) -> bool:
+    return all(b.committed.startswith(a.committed) or b.rollback is not None for a, b in zip(hyps, hyps[1:]))
+
+
+def test_speech_is_transcribed_chunk_by_chunk_and_committed_text_only_grows(transcriber, speech):
+    hyps, final = stream(transcriber, speech("Please book a table for four people at the Italian restaurant."))
+    assert committed_only_grows(hyps + [final])
+    assert any(h.tentative for h in hyps) and any(h.committed for h in hyps[:-1])
+    assert final.final and final.rollback is None
+    words = final.committed.lower()
+    assert "table" in words and "four" in words or "4" in words and "restaurant" in words
+
+
+def test_silence_produces_no_transcript_and_costs_no_model_work(transcriber):
+    hyps, final = stream(transcriber, np.zeros(3 * SAMPLE_RATE, np.float32))
+    assert all(h.text == "" and h.encoder_frames == 0 for h in hyps)
+    assert final.committed == ""
+
+
+def test_white_noise_produces_no_transcript(transcriber):
+    noise = np.random.default_rng(0).normal(0, 0.1, 3 * SAMPLE_RATE).astype(np.float32)
+    hyps, final = stream(transcriber, noise)
+    assert final.committed == ""
+    assert not any(h.committed for h in hyps)
+
+
+def test_local_agreement_commits_the_shared_whole_words_and_never_the_last_word(transcriber, monkeypatch):
+    """Scripted decoder tails: only what two consecutive steps agree on is committed."""
+    tok = transcriber.tokenizer
+    script = iter([" I want", " I want to go", " I want to go to", " I want to go to Paris."])
+
+    def fake_decode(audio, max_new):
+        committed = tok.decode(transcriber._committed)
+        return Step(tok.encode(next(script)[len(committed):]), -0.1, 0.0, audio.shape[1])
+
+    monkeypatch.setattr(transcriber, "_decode", fake_decode)
+    x = np.random.default_rng(1).normal(0, 0.2, 4 * CHUNK).astype(np.float32)
+    monkeypatch.setattr(transcriber._vad, "is_speech", lambda frame: True)
+    transcriber.options = StreamingOptions(min_step_s=0.1, duty=1e9, max_step_interval_s=0.0, min_stride_s=0.0)
+    got = [transcriber.push(x[i:i + CHUNK]) for i in range(0, len(x), CHUNK)]
+    assert [h.committed for h in got] == ["", "I want", "I want to go", "I want to go to"]
+    assert got[-1].tentative == " Paris."
+    assert committed_only_grows(got)
+
+
+def test_a_rejected_utterance_is_withdrawn_with_an_explicit_rollback(transcriber, monkeypatch, speech):
+    monkeypatch.setattr("speech_encoder.streaming.is_hallucination", lambda t: True)
+    hyps, final = stream(transcriber, speech("Good morning, how are you doing today?"))
+    assert any(h.committed for h in hyps)
+    assert final.committed == "" and final.rollback == 0
+    assert committed_only_grows(hyps + [final])
+
+
+def test_repeated_phrases_are_recognized_as_a_loop_but_a_doubled_word_is_not():
+    assert repeated_tail([1, 2, 3, 4, 1, 2, 3, 4]) == 4
+    assert repeated_tail([9, 5, 5, 5]) == 2
+    assert repeated_tail([7, 5, 5]) == 0
+    assert repeated_tail([1, 2, 3, 4, 5]) == 0
+
+
+def test_a_60_s_utterance_keeps_the_window_and_the_work_per_chunk_bounded(transcriber, speech):
+    sentences = [
+        "The river flooded after a week of heavy rain and several roads had to be closed.",
+        "Our team spent three months building a prototype and testing it with customers.",
+        "The museum explores how everyday objects have changed over two hundred years.",
+        "My sister works as a nurse at the hospital and often has to work night shifts.",
+    ]
+    parts, n = [], 0
+    while n < 60 * SAMPLE_RATE:
+        for s in sentences:
+            a = speech(s)
+            parts += [a, np.zeros(SAMPLE_RATE // 4, np.float32)]
+            n += len(a) + SAMPLE_RATE // 4
+    audio = np.concatenate(parts)
+    o = transcriber.options
+    hyps, final = stream(transcriber, audio)
+    frames_cap = int((o.hard_window_s + o.tail_pad_s) * 50) + 8  # encoder positions: 50 per second
+    assert max(h.encoder_frames for h in hyps) <= frames_cap
+    assert max(h.window_s for h in hyps) <= o.hard_window_s + 0.2
+    assert transcriber._mel.raw().shape[1] <= (o.hard_window_s + 0.5) * 100  # mel frames kept
+    assert committed_only_grows(hyps + [final])
+    words = final.committed.lower()
+    assert words.count("river") >= 2 and words.count("nurse") >= 2
+
+
+def test_the_multilingual_model_follows_the_language_or_detects_it(tmp_path):
+    cache = config_from().cache_dir
+    if models.status(cache, "whisper-base") != "ready" or not shutil.which("espeak-ng"):
+        pytest.skip("needs whisper-base (run_agent.py models --all) and espeak-ng")
+    asr = WhisperASR(models.require(cache, "whisper-base") / "model.pt", "auto", threads=1)
+    assert asr.language is None
+    wav = tmp_path / "de.wav"
+    subprocess.run(["espeak-ng", "-v", "de", "-w", str(wav),
+                    "Guten Morgen, wie geht es dir heute? Ich möchte nach Berlin fahren."], check=True)
+    german = load_audio(wav, SAMPLE_RATE)
+    for language in ("de", "auto"):
+        st = StreamingTranscriber(asr.model, language, model_name="base")
+        _, final = stream(st, german)
+        assert final.language == "de"
+        assert "Morgen" in final.committed
