@@ -4,7 +4,8 @@
     python run_agent.py replay --input USER.wav --out DIR
     python run_agent.py serve [--host H --port P]
     python run_agent.py cli [--list-devices] [--input-device N] [--output-device N] [--no-aec] [--record DIR]
-    python run_agent.py bench latency|tts|webrtc
+    python run_agent.py train-heads [--all] [--eval]
+    python run_agent.py bench latency|tts|asr|webrtc|duplex
 """
 from __future__ import annotations
 
@@ -126,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(r)
     r.set_defaults(func=cmd_replay)
 
+    sub.add_parser("train-heads", add_help=False,  # dispatched in main(): its flags are its own
+                   help="train the continue/interrupt/reject state heads (train-heads --help for its flags)")
+
     b = sub.add_parser("bench", help="benchmarks; they print figures with the machine they ran on")
     bsub = b.add_subparsers(dest="bench", required=True)
     for name, (module, help_text) in BENCHES.items():
@@ -139,6 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train-heads"]:  # its flags are its own (argparse cannot pass "--help" through)
+        from agent.train_heads import main as train_main
+
+        return train_main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
