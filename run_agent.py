@@ -2,8 +2,9 @@
 
     python run_agent.py models [--check] [--all]
     python run_agent.py replay --input USER.wav --out DIR
-    python run_agent.py serve [--host H --port P]
     python run_agent.py cli [--list-devices] [--input-device N] [--output-device N] [--no-aec] [--record DIR]
+    python run_agent.py simulate --out DIR [--latency-ms 0,80,160,240,400]
+    python run_agent.py serve [--host H --port P]
     python run_agent.py train-heads [--all] [--eval]
     python run_agent.py bench latency|tts|asr|webrtc|duplex
 """
@@ -92,6 +93,31 @@ def cmd_replay(args) -> int:
     return 0
 
 
+def cmd_simulate(args) -> int:
+    import asyncio
+
+    from agent.transports.link import LinkConfig
+    from agent.transports.simulate import SimulationOptions, default_agents, sweep, sweep_row, sweep_table
+
+    latencies = [float(x) for x in args.latency_ms.split(",") if x.strip()]
+    cfg = config_from_args(args)
+    a, b = default_agents(args.persona_a, args.persona_b, args.opening_a)
+    options = SimulationOptions(args.duration, LinkConfig(latencies[0], args.jitter_ms, args.loss), args.seed)
+    engine = load_engine(cfg)
+    try:
+        results = asyncio.run(sweep(engine, a, b, Path(args.out), latencies, options))
+    finally:
+        engine.close()
+    print(f"{machine()}; {cfg.llm}, chunk {cfg.chunk_ms} ms, jitter {args.jitter_ms:.0f} ms, loss {args.loss:.1%}; "
+          "durations in ms; FTO as a listener between the agents hears it; 'yield med': at the ear of "
+          "the agent that gave the floor away (a round trip more); 'react': the agents' own reaction time; "
+          "'link': FTO minus the reaction, per transfer")
+    print(sweep_table([sweep_row(k, m) for k, m in results.items()]))
+    print(f"wrote {args.out}: conversation.wav, transcript.txt, events_a/b.jsonl, timeline.png, metrics.json "
+          f"(per latency), fto.png, sweep.json")
+    return 0
+
+
 def cmd_bench(args) -> int:
     import importlib
 
@@ -126,6 +152,20 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--tail", type=float, default=1.0, help="seconds of silence kept after the agent finishes")
     add_config_flags(r)
     r.set_defaults(func=cmd_replay)
+
+    s = sub.add_parser("simulate", help="two agents talk over a simulated network link, in real time")
+    s.add_argument("--out", required=True, help="output folder (one subfolder per latency in a sweep)")
+    s.add_argument("--latency-ms", default="0", help="one-way link latency, ms; a comma list runs a sweep")
+    s.add_argument("--jitter-ms", type=float, default=0.0, help="random extra delay per packet, up to this, ms; the receiver's jitter buffer adds as much "
+                   "(mouth-to-ear = latency + jitter)")
+    s.add_argument("--loss", type=float, default=0.0, help="packet loss rate, 0..1 (lost audio is silence)")
+    s.add_argument("--duration", type=float, default=60.0, help="seconds of conversation per run")
+    s.add_argument("--seed", type=int, default=0, help="seed of the links' jitter and loss")
+    s.add_argument("--persona-a", default=None, help="system prompt of agent A (default: plans a trip, asks)")
+    s.add_argument("--persona-b", default=None, help="system prompt of agent B (default: a friend who advises)")
+    s.add_argument("--opening-a", default=None, help="A's opening line ('' for none)")
+    add_config_flags(s)  # --chunk-ms, --llm, ...
+    s.set_defaults(func=cmd_simulate)
 
     sub.add_parser("train-heads", add_help=False,  # dispatched in main(): its flags are its own
                    help="train the continue/interrupt/reject state heads (train-heads --help for its flags)")
