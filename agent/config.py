@@ -48,6 +48,7 @@ class Config:
     speech_start_ms: int = field(default=100, metadata={"help": "voiced audio needed to open a user turn"})
     endpoint_silence_ms: int = field(default=400, metadata={"help": "silence that ends a user turn"})
     speculate_ms: int = field(default=200, metadata={"help": "silence after which the reply is computed, unplayed, before the turn is confirmed over (0: off)"})
+    state_heads: bool = field(default=True, metadata={"help": "let the learned state head judge cut-ins (else: any cut-in of barge_in_ms stops the agent)"})
     barge_in_ms: int = field(default=400, metadata={"help": "user speech that stops the agent mid-reply"})
     max_history_turns: int = field(default=8, metadata={"help": "conversation turns kept for the LLM"})
     max_new_tokens: int = field(default=80, metadata={"help": "longest reply, in LLM tokens"})

@@ -75,9 +75,23 @@ def load_tts(config: Config, piper_dir=None) -> TTSBackend:
     return PiperTTS(piper_dir, config.tts_threads)
 
 
+def load_head(config: Config):
+    """The shipped state head for the configured LLM; None when off or missing (said in the log)."""
+    if not config.state_heads:
+        return None
+    from agent.heads import StateHead
+
+    try:
+        return StateHead.load(config.llm)
+    except (FileNotFoundError, ValueError) as e:
+        log.warning("state heads off: %s", e)
+        return None
+
+
 class Engine:
-    def __init__(self, config: Config, asr: WhisperASR, llm: ChatLLM, tts: TTSBackend):
+    def __init__(self, config: Config, asr: WhisperASR, llm: ChatLLM, tts: TTSBackend, head=None):
         self.config = config
+        self.head = head  # agent.heads.StateHead for this LLM, or None: the duration rule decides
         self.asr = asr
         self.llm = llm
         self.tts = tts
@@ -100,7 +114,7 @@ class Engine:
         t3 = time.monotonic()
         tts = load_tts(config, paths.get("piper-joe"))
         t4 = time.monotonic()
-        engine = cls(config, asr, llm, tts)
+        engine = cls(config, asr, llm, tts, load_head(config))
         engine.load_times = LoadTimes(t1 - t0, t2 - t1, t3 - t2, t4 - t3)
         log.info("models ready: %s", engine.load_times)
         return engine

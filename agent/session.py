@@ -151,6 +151,14 @@ class Session:
         self._gain = self._gain_target = 1.0
         self._tail: np.ndarray | None = None  # a fade-out still to play after a stop
         self._barge_in_pending = False  # the last interruption's user speech is not yet transcribed
+        # Judging a cut-in with the state head (agent/heads.py), one at a time:
+        self._cut_in_id = 0  # counts user onsets, so a late verdict on an old cut-in is ignored
+        self._judging = False
+        self._judged_reject = False  # the head called the current cut-in not meant for the agent
+        self._judge_after_ms = 0  # voiced ms before the next judgment of the same cut-in
+        self._ended_cut_in: tuple[np.ndarray, float] | None = None  # a cut-in that ended while judged
+        self._listen_cache = PrefixCache()  # the heads' own KV cache: the reply's may be generating
+        self._transcriber = None  # a StreamingTranscriber, made in the model thread when first needed
         self._decisions: list[str] = []
         self.state = State.LISTENING
         self.history: list[dict] = []
@@ -229,6 +237,8 @@ class Session:
         if ev.kind == "start":
             self.emit(UserSpeechStart(ev.t))
             self._user_onset = ev.t
+            self._cut_in_id += 1
+            self._judged_reject, self._judge_after_ms, self._ended_cut_in = False, 0, None
             self._utterance = [f for t, f in self._recent if t >= ev.t - PRE_ROLL_S]
             if self.state is State.SPEAKING:
                 self._gain_target = DUCK_GAIN
@@ -239,8 +249,11 @@ class Session:
             return
         self.emit(UserSpeechEnd(ev.t))
         frames, self._utterance = self._utterance or [], None
+        if self.state is State.SPEAKING and self._judging:
+            self._ended_cut_in = (np.concatenate(frames), ev.t)  # the verdict decides what it was
+            return
         if self.state is State.SPEAKING:
-            # Too short to be a barge-in (a backchannel, a cough): the agent goes on.
+            # Too short to be a barge-in, or judged not meant for the agent: it goes on.
             self._gain_target = 1.0
             self._decide_as("reject")
             self.emit(TranscriptRejected(self.now, "", "short speech while the agent speaks"))
@@ -261,7 +274,10 @@ class Session:
         """End of chunk: barge-in, and speculative start during a pause."""
         ep = self._endpointer
         if (self.state is State.SPEAKING and ep.in_speech and ep.voiced_ms_in_turn >= self.config.barge_in_ms):
-            self._interrupt()
+            if self.engine.head is None:
+                self._interrupt()
+            elif not (self._judging or self._judged_reject) and ep.voiced_ms_in_turn >= self._judge_after_ms:
+                self._judge_cut_in()
             return
         speculating = self._reply is not None and not self._reply.confirmed
         if speculating and ep.in_speech and ep.silence_ms == 0:
@@ -275,9 +291,69 @@ class Session:
             self._decide_as("speculate")
             self._start_reply(audio, ep.last_voiced_end, confirmed=False)
 
-    def _decide_as(self, decision: str) -> None:
+    def _decide_as(self, decision: str, probs: dict | None = None) -> None:
         self._decisions.append(decision)
-        self.emit(Decision(self.now, decision, self.state.value))
+        self.emit(Decision(self.now, decision, self.state.value, probs))
+
+    # -- judging a cut-in while the agent speaks (the state head) ---------------------------------
+
+    def _judge_cut_in(self) -> None:
+        """Ask the state head whether the user's speech over the agent is meant to
+        take the floor (interrupt), is a backchannel or side talk (reject), or is
+        too early to tell (continue). Runs in the model thread's fast lane."""
+        ep, reply = self._endpointer, self._reply
+        self._judging = True
+        cut_in = self._cut_in_id
+        messages = [{"role": "system", "content": self.system_prompt}] + self.history
+        from agent.heads import Timing
+
+        timing = Timing(ep.silence_ms, ep.voiced_ms_in_turn, True)
+        job = self.engine.model_worker.run_urgent(self._judge_job, np.concatenate(self._utterance or []),
+                                                  messages, self.heard_text(reply) if reply else "", timing)
+        asyncio.wrap_future(job).add_done_callback(lambda f: self._on_verdict(cut_in, f, ep.voiced_ms_in_turn))
+
+    def _judge_job(self, audio: np.ndarray, messages: list[dict], heard: str, timing) -> tuple[str, dict | None, str]:
+        """Model thread: the words of the cut-in so far, then the head's verdict on them."""
+        from agent.heads import LABELS, chunk_hidden
+        from speech_encoder.asr import Transcript
+        from speech_encoder.streaming import StreamingTranscriber
+
+        if self._transcriber is None:
+            self._transcriber = StreamingTranscriber.from_asr(self.engine.asr, model_name=self.config.asr_model)
+        text = self._transcriber.transcribe_whole(audio)
+        if is_hallucination(Transcript(text, 0.0, 0.0, "")):
+            return "reject", None, text
+        hidden = chunk_hidden(self.engine.llm, self._listen_cache, messages, text, heard or None)
+        verdict = self.engine.head.decide(hidden, timing)
+        return verdict.label, {k: round(float(p), 3) for k, p in zip(LABELS, verdict.probs)}, text
+
+    def _on_verdict(self, cut_in: int, job: asyncio.Future, voiced_ms: int) -> None:
+        self._judging = False
+        if job.cancelled():
+            return
+        if job.exception():
+            log.error("state head failed; the duration rule decides", exc_info=job.exception())
+            label, probs, text = "interrupt", None, ""
+        else:
+            label, probs, text = job.result()
+        ended, self._ended_cut_in = self._ended_cut_in, None
+        if cut_in != self._cut_in_id or self.state is not State.SPEAKING or self._reply is None:
+            return  # a newer cut-in, or the agent has already stopped
+        if label == "interrupt":
+            self._interrupt(probs)
+            if ended is not None:  # the cut-in is over: answer it now
+                self._decide_as("endpoint")
+                self._start_reply(np.concatenate(self._held + [ended[0]]), ended[1], confirmed=True)
+                self._held = []
+            return
+        if label == "reject":
+            self._judged_reject = True
+        else:
+            self._judge_after_ms = voiced_ms + self.config.chunk_ms  # too early: look again later
+        self._decide_as(label, probs)
+        if ended is not None or label == "reject" and not self._endpointer.in_speech:
+            self._gain_target = 1.0
+            self.emit(TranscriptRejected(self.now, text, f"state head: {label} while the agent speaks"))
 
     # -- the reply -------------------------------------------------------------------------------
 
@@ -396,7 +472,7 @@ class Session:
         out[ramp:] *= self._gain_target
         self._gain = self._gain_target
 
-    def _interrupt(self) -> None:
+    def _interrupt(self, probs: dict | None = None) -> None:
         reply = self._reply
         # The chunk sent last tick is playing until the end of this one; the next
         # one carries only a short fade to silence (no click), then nothing.
@@ -409,7 +485,7 @@ class Session:
         self.stats.interruptions += 1
         self.stats.stop_latencies.append(stop_t - self._user_onset)
         self._barge_in_pending = True
-        self._decide_as("interrupt")
+        self._decide_as("interrupt", probs)
         self.emit(AgentSpeechEnd(stop_t, "interrupted"))
         self.emit(StateChanged(self.now, "interrupted"))
         self._finish_reply(reply, interrupted=True, stop_latency=stop_t - self._user_onset)

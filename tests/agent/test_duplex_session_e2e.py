@@ -88,6 +88,26 @@ def test_a_backchannel_while_the_agent_speaks_is_ignored(backchannel):
     assert len(summary["turns"]) == 1
 
 
+@pytest.fixture(scope="module")
+def long_backchannel(engine, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("mmhmm")
+    script = UserScript([
+        Utterance(say("Tell me about the ocean in three sentences.", tmp, "q1"), delay=0.3),
+        Utterance(say("Mm-hmm.", tmp, "bc"), delay=1.0, trigger="agent_start"),  # about 1.1 s of voice
+    ])
+    summary = asyncio.run(run_script(engine, script, tmp / "out"))
+    return tmp / "out", summary
+
+
+def test_a_backchannel_longer_than_the_barge_in_rule_is_judged_by_the_state_head_and_ignored(long_backchannel):
+    out, summary = long_backchannel
+    ev = events_of(out)
+    assert [e["reason"] for e in ev if e["type"] == "agent_speech_end"] == ["finished"]
+    judged = [e for e in ev if e["type"] == "decision" and e["decision"] == "reject" and e["probs"]]
+    assert judged and judged[0]["probs"]["reject"] > 0.5
+    assert len(summary["turns"]) == 1
+
+
 def test_no_click_at_chunk_seams_or_around_the_duck(backchannel):
     out, summary = backchannel
     agent = agent_track(out)
