@@ -19,32 +19,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import re
 import statistics
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from agent.config import SAMPLE_RATE, Config
+from bench import machine
 
 BUCKETS = ((0, 3), (3, 6), (6, 10), (10, 15), (15, 20), (20, 1e9))
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return f"{cpu}, {os.cpu_count()} cores (load average {load:.1f}), Python {platform.python_version()}"
 
 
 # -- word error rate ---------------------------------------------------------------------------

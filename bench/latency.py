@@ -13,14 +13,12 @@ import asyncio
 import json
 import shutil
 import statistics
-import subprocess
 import tempfile
 from pathlib import Path
 
-import numpy as np
 
-from agent.config import SAMPLE_RATE, Config
-from speech_encoder.audio import load_audio
+from agent.config import Config
+from bench.corpus import Synthesizer
 
 QUESTIONS = [
     "What is the capital of France?",
@@ -41,17 +39,7 @@ LONG_ASKS = [
     ("Tell me everything you know about the moon.", "Actually, how far away is the sun?"),
     ("Give me a long list of reasons to learn the piano.", "Wait, wait. How about the guitar?"),
 ]
-VOICES = [("flite", "slt"), ("flite", "awb"), ("espeak-ng", "en-us")]
-
-
-def speak(text: str, voice: tuple[str, str], path: Path) -> np.ndarray:
-    engine, name = voice
-    if engine == "flite":
-        cmd = ["flite", "-voice", name, "-t", text, "-o", str(path)]
-    else:
-        cmd = ["espeak-ng", "-v", name, "-s", "165", "-w", str(path), text]
-    subprocess.run(cmd, check=True, capture_output=True)
-    return load_audio(path, SAMPLE_RATE)
+VOICES = ["flite:slt", "flite:awb", "espeak:en-us"]  # bench.corpus.Synthesizer names
 
 
 def pct(xs: list[float], q: float) -> float | None:
@@ -69,19 +57,21 @@ def run(config: Config, n_questions: int = 10, n_cutins: int = 5, out_dir: Path 
         if not shutil.which(tool):
             raise RuntimeError(f"bench latency needs {tool} (apt-get install {tool}, or scripts/system-deps.sh)")
     engine = Engine.load(config)
+    voices = Synthesizer(config.cache_dir)
+    speak = voices.speak
     tmp = Path(tempfile.mkdtemp(prefix="duplex-bench-"))
     out_dir = Path(out_dir) if out_dir else tmp / "runs"
     turns, stops, lags, underruns = [], [], [], 0
     try:
         scenarios = []
         for i, q in enumerate(QUESTIONS[:n_questions]):
-            audio = speak(q, VOICES[i % len(VOICES)], tmp / f"q{i}.wav")
+            audio = speak(q, VOICES[i % len(VOICES)])
             scenarios.append((f"question{i}", UserScript([Utterance(audio, delay=0.3)])))
         for i, (ask, cut) in enumerate(LONG_ASKS[:n_cutins]):
             voice = VOICES[i % len(VOICES)]
             scenarios.append((f"cutin{i}", UserScript([
-                Utterance(speak(ask, voice, tmp / f"a{i}.wav"), delay=0.3),
-                Utterance(speak(cut, voice, tmp / f"c{i}.wav"), delay=1.5 + (i % 3) * 0.5, trigger="agent_start"),
+                Utterance(speak(ask, voice), delay=0.3),
+                Utterance(speak(cut, voice), delay=1.5 + (i % 3) * 0.5, trigger="agent_start"),
             ])))
         for name, script in scenarios:
             summary = asyncio.run(run_script(engine, script, out_dir / name))
