@@ -7,6 +7,7 @@ the other exactly one link delay late, never itself.
 """
 import asyncio
 import json
+import re
 
 import numpy as np
 import pytest
@@ -66,7 +67,10 @@ def test_the_transcript_has_both_agents_speaking_and_hearing(run):
     assert any(line.endswith("] A: Hi Alex!") for line in lines)
     assert any("] B: " in line for line in lines)
     first_heard = next(line for line in lines if line.startswith("[") and "(B heard)" in line)
-    assert "lisbon" in first_heard.lower()
+    # B hears A's opening through the link; Whisper may mishear a word of Piper's (random-noise) voice.
+    opening = set(re.findall(r"[a-z]+", "hi alex any tips for a weekend in lisbon"))
+    heard = set(re.findall(r"[a-z]+", first_heard.lower().split(")", 1)[-1]))
+    assert len(opening & heard) >= 0.6 * len(opening), first_heard
 
 
 def test_the_floor_changes_hands_at_least_four_times(run):
