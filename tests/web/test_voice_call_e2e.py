@@ -74,7 +74,6 @@ def test_speaking_over_the_agent_stops_its_audio_at_the_client(server):
 
     stop, events = asyncio.run(call())
     assert stop is not None, "the agent was not interrupted: " + str([e["type"] for e in events])
-    print(f"\nbarge-in stop latency at the client: {stop * 1000:.0f} ms")
-    assert stop < 2.0
+    print(f"\nbarge-in stop latency at the client: {stop * 1000:.0f} ms")  # measured by bench webrtc, not asserted
     turn = next(e for e in events if e["type"] == "turn")
     assert turn["interrupted"]
