@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import FlowConfig
+from .flow_encoder import cached_kv
 
 
 @dataclass
@@ -111,17 +112,7 @@ class Attention(nn.Module):
         q, k, v = split(self.to_q(x)), split(self.to_k(x)), split(self.to_v(x))
         k_start = q_start
         if cache is not None:
-            old = cache.kv.get(id(self))
-            if old is not None:
-                k, v = torch.cat([old[0], k], dim=2), torch.cat([old[1], v], dim=2)
-                k_start = q_start - old[0].shape[2]
-            if chunk > 0 and left_chunks >= 0:
-                # keep only keys that later queries (from q_start + n on) may attend to
-                first = max(0, ((q_start + n) // chunk - left_chunks) * chunk)
-                cut = max(0, first - k_start)
-                cache.kv[id(self)] = (k[:, :, cut:], v[:, :, cut:])
-            else:
-                cache.kv[id(self)] = (k, v)
+            k, v, k_start = cached_kv(cache.kv, id(self), k, v, q_start, n, chunk, left_chunks)
         mask = attention_mask(q_start, n, k_start, k.shape[2], chunk, left_chunks, x.device)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.to_out[0](out.transpose(1, 2).reshape(b, n, -1))

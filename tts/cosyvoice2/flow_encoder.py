@@ -28,6 +28,24 @@ def rel_pos_rows(hi: int, lo: int, d_model: int, device: torch.device, dtype: to
     return pe.to(device=device, dtype=dtype)
 
 
+def cached_kv(kv: dict, key: int, k: torch.Tensor, v: torch.Tensor, q_start: int, n: int, chunk: int,
+              left_chunks: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Join this call's keys/values [B, H, n, d] to the ones cached under ``key``, and
+    cache back only those that later queries (from q_start + n on) may attend to
+    (chunk masks with ``left_chunks`` of left context; all if < 0).
+    Returns (keys, values, absolute position of the first key)."""
+    k_start = q_start
+    old = kv.get(key)
+    if old is not None:
+        k, v = torch.cat([old[0], k], dim=2), torch.cat([old[1], v], dim=2)
+        k_start = q_start - old[0].shape[2]
+    cut = 0
+    if chunk > 0 and left_chunks >= 0:
+        cut = max(0, max(0, ((q_start + n) // chunk - left_chunks) * chunk) - k_start)
+    kv[key] = (k[:, :, cut:], v[:, :, cut:])
+    return k, v, k_start
+
+
 @dataclass
 class EncoderCache:
     """Per-request state of the token encoder: how many tokens it has encoded, the last
@@ -87,14 +105,7 @@ class RelPosAttention(nn.Module):
         v = self.linear_v(x).view(b, n, self.h, self.d_k).transpose(1, 2)
         k_start = q_start
         if cache is not None:
-            old = cache.kv.get(id(self))
-            if old is not None:
-                k, v = torch.cat([old[0], k], dim=2), torch.cat([old[1], v], dim=2)
-                k_start = q_start - old[0].shape[2]
-            cut = 0
-            if chunk > 0 and left_chunks >= 0:
-                cut = max(0, max(0, ((q_start + n) // chunk - left_chunks) * chunk) - k_start)
-            cache.kv[id(self)] = (k[:, :, cut:], v[:, :, cut:])
+            k, v, k_start = cached_kv(cache.kv, id(self), k, v, q_start, n, chunk, left_chunks)
         m = k.shape[2]
         # position term: one row per relative offset, gathered per (query, key) pair; this
         # is what upstream's rel_shift trick computes, generalised to a query window
