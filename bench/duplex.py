@@ -53,6 +53,7 @@ ROWS = (  # category, metric key, label, target
     ("turntaking", "tor", "TOR (higher is better)", ">= 0.98"),
     ("turntaking", "latency_mean_s", "response latency mean, s", ""),
     ("turntaking", "latency_p50_s", "response latency p50, s", "<= 0.8"),
+    ("turntaking", "decision_p50_chunks", "end of turn decided, chunks after the last word, p50", "<= 2"),
     ("interruption", "tor", "TOR (higher is better)", ">= 0.98"),
     ("interruption", "stop_p90_s", "stop latency p90, s", "<= 0.25"),
     ("interruption", "stop_p50_s", "stop latency p50, s", ""),
@@ -101,9 +102,25 @@ def score_run(scenario: Scenario, run_dir: Path, vad: score.SileroVad, asr) -> d
                   if roles["interruption"] else score.InterruptionResult(False, False, None, None, False))
     else:
         result = score.score_noise(agent, roles["noise"]) if roles["noise"] else None
-    return {"id": scenario.id, "category": c, "result": None if result is None else score.to_dict(result),
-            "user_speech": [[round(a, 3), round(b, 3)] for a, b in user],
+    scored = {"id": scenario.id, "category": c, "result": None if result is None else score.to_dict(result)}
+    if c == "turntaking" and roles["request"] and (run_dir / "events.jsonl").exists():
+        # The engine's own view (not the recording's): when it decided the turn was over.
+        end = (score.within(user, roles["request"]) or roles["request"])[1]
+        scored["turn_end_decision_s"] = decision_delay(run_dir / "events.jsonl", end)
+    return {**scored, "user_speech": [[round(a, 3), round(b, 3)] for a, b in user],
             "agent_speech": [[round(a, 3), round(b, 3)] for a, b in agent]}
+
+
+def decision_delay(events_path: Path, user_end: float) -> float | None:
+    """Seconds from the user's last word to the session's decision that the turn
+    was over (the state head's interrupt, a timeout or the endpointer), as
+    stamped in events.jsonl (chunk-boundary media time)."""
+    for line in events_path.read_text().splitlines():
+        e = json.loads(line)
+        if (e["type"] == "decision" and e["state"] == "listening" and e["t"] >= user_end - 0.05
+                and e["decision"] in ("interrupt", "timeout", "endpoint")):
+            return round(e["t"] - user_end, 3)
+    return None
 
 
 def run_replay(engine, scenario: Scenario, run_dir: Path) -> None:
@@ -193,6 +210,13 @@ def aggregate(out: Path, machine: str, config: Config, transport: str, scenarios
             by_cat[s.category].append(score.from_dict(s.category, r))
     metrics = {c: {**score.summarize(c, rs), "n_not_played": skipped[c]} for c, rs in by_cat.items()
                if rs or skipped[c]}
+    delays = [d for s in scenarios if s.category == "turntaking"
+              and (out / s.category / s.id / "score.json").exists()
+              and (d := json.loads((out / s.category / s.id / "score.json").read_text()).get("turn_end_decision_s"))
+              is not None]
+    if delays and "turntaking" in metrics:
+        chunk_s = config.chunk_ms / 1000
+        metrics["turntaking"]["decision_p50_chunks"] = round(float(np.median(delays)) / chunk_s, 2)
     date = datetime.now(timezone.utc).isoformat(timespec="seconds")
     return {"machine": machine, "transport": transport, "date": date,
             "config": {k: str(v) for k, v in asdict(config).items() if k != "system_prompt"},

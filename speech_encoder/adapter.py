@@ -35,6 +35,7 @@ from agent.llm import ChatLLM, PrefixCache
 from speech_encoder.streaming import Hypothesis
 
 _SENTINEL = "\u2063USER\u2063"  # never in speech, and the template passes it through untouched
+_CLOSING = ".?!…。？！ "  # sentence-closing marks Whisper writes
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,8 @@ class Prefill:
 
 
 class Adapter(Protocol):
+    hidden: object  # the LLM's state after the last word heard (what the state heads read), or None
+
     def begin(self, messages: list[dict]) -> Prefill:
         """A user turn starts; ``messages`` is the conversation before it (system
         prompt and history, the chat format of ChatLLM.prompt_ids)."""
@@ -81,6 +84,8 @@ class TextAdapter:
         self.tentative = tentative
         self.end_guess_ms = end_guess_ms
         self._head = self._tail = ""
+        self._text, self._with_tail = None, False  # what the cache holds after head
+        self.hidden = None  # the LLM's last-layer state at the last word heard (for the state heads)
 
     def _ids(self, text: str) -> list[int]:
         # The whole string is tokenized every time (well under a millisecond), so the
@@ -94,14 +99,35 @@ class TextAdapter:
 
     def begin(self, messages: list[dict]) -> Prefill:
         self._head, self._tail = split_template(self.llm, messages)
+        self._text, self._with_tail, self.hidden = None, False, None
         return self._extend(self._head)
 
     def update(self, hyp: Hypothesis) -> Prefill:
+        """Also leaves ``hidden`` at the LLM's state after the last word (before
+        any closing mark and any speculated tail), which is what the state heads
+        read: one forward pass computes both."""
         text = hyp.text if self.tentative else hyp.committed.strip()
-        prompt = self._head + text
-        if text and self.tentative and hyp.silence_ms >= self.end_guess_ms:
-            prompt += self._tail
-        return self._extend(prompt)
+        guess_end = bool(text) and self.tentative and hyp.silence_ms >= self.end_guess_ms
+        if text == self._text and (self._with_tail or not guess_end):
+            return Prefill(0, 0.0)  # nothing new heard: no rollback of a speculated tail either
+        t0 = time.perf_counter()
+        words = self._ids(self._head + text)
+        ids = self._ids(self._head + text + self._tail) if guess_end else words
+        n = self.llm.extend(self.cache, ids, hidden_at=self._last_word(words, text))
+        self.hidden = self.cache.hidden
+        self._text, self._with_tail = text, guess_end
+        return Prefill(n, (time.perf_counter() - t0) * 1000)
+
+    def _last_word(self, words: list[int], text: str) -> int:
+        """Position of the last word's last token. Whisper closes a window that ends
+        mid-sentence with "." or "?" as readily as a finished one ("... the name
+        of?"): that mark is a guess about words not yet heard, so the heads read
+        the state before it (the LLM is causal: the same as if it were absent)."""
+        bare = self._ids(self._head + text.rstrip(_CLOSING))
+        if len(bare) < len(words) and words[:len(bare)] == bare and len(bare) > len(self._ids(self._head)):
+            return len(bare) - 1
+        return len(words) - 1
 
     def finalize(self, text: str) -> Prefill:
+        self._text, self._with_tail = text.strip(), True
         return self._extend(self._head + text.strip() + self._tail)

@@ -79,6 +79,9 @@ class StreamingOptions:
     # ... and never more often than this: consecutive steps a chunk apart see almost
     # the same window, so local agreement would commit their shared mistakes.
     min_stride_s: float = 0.96
+    # ... except once speech has stopped for this long: then a step runs at once, so
+    # the hypothesis holds the last words when the end of the turn is judged.
+    end_step_ms: int = 60
     detect_after_s: float = 2.0  # language detection ("auto") waits for this much window
     threads: int = 1  # torch threads for a step (2 threads on 2 busy cores ran 10x slower than 1)
 
@@ -179,6 +182,20 @@ def compression_ratio(text: str) -> float:
     return len(raw) / max(1, len(zlib.compress(raw)))
 
 
+ECHO_NGRAM = 6
+
+
+def echoes_earlier(tokens: list, n: int = ECHO_NGRAM) -> bool:
+    """The last ``n`` tokens already occurred, in that order, earlier in ``tokens``:
+    at the cut-off end of a window Whisper sometimes repeats the start of the
+    utterance ("... and a dragon. Tell me a long story about a"); six tokens in a
+    row said twice in one turn is rare in speech."""
+    if len(tokens) < 2 * n:
+        return False
+    gram, rest = tokens[-n:], tokens[:-n]
+    return any(rest[i:i + n] == gram for i in range(len(rest) - n + 1))
+
+
 def repeated_tail(tokens: list, max_ngram: int = 16) -> int:
     """How many trailing tokens repeat what comes just before them: a phrase of 4+
     tokens said twice in a row, or a shorter one three times (a word said twice,
@@ -260,8 +277,11 @@ class StreamingTranscriber:
         step = None
         o = self.options
         min_s = max(o.min_step_s, o.detect_after_s if self.language is None else 0.0)
-        if (self._dirty and self._window_s() >= min_s
-                and self._since_step >= max(o.min_stride_s, min(self._step_cost / o.duty, o.max_step_interval_s))):
+        ended = self._heard and self._silent_run * VAD_FRAME_MS >= o.end_step_ms
+        stride = max(o.min_stride_s, min(self._step_cost / o.duty, o.max_step_interval_s))
+        due = self._dirty and (ended or self._since_step >= stride)
+        full = self._window_s() > o.hard_window_s  # a step now cuts the window back (bounded cost)
+        if self._window_s() >= min_s and (due or full):
             step = self._step()
             self._step_cost = time.perf_counter() - t0[0]
             self._since_step = 0.0
@@ -371,6 +391,10 @@ class StreamingTranscriber:
                 cut = min(len(tail), repeated_tail(self._committed + tail))
                 if cut:  # Whisper looping (often at the cut-off end of the window)
                     del tail[-cut:]
+                    break
+                if echoes_earlier(self._committed + tail):
+                    # ... or starting the utterance over from an earlier phrase
+                    del tail[-min(len(tail), ECHO_NGRAM):]
                     break
                 last = model.decoder(torch.tensor([[nxt]]), audio, kv_cache=cache)[0, -1].float()
         finally:
@@ -496,11 +520,16 @@ class StreamingTranscriber:
             no_speech_prob=self._last_nsp, language=self.language or "",
             silence_ms=self._silent_run * VAD_FRAME_MS if self._heard else 0, **kw)
 
-    @torch.inference_mode()
     def transcribe_whole(self, audio: np.ndarray, pad: bool | None = None, pad_frames: int | None = None) -> str:
         """One greedy pass over a whole utterance with this module's encoder and
         decoder, for comparisons; resets. ``pad``: the 30 s padded encoder (default:
         the options'); ``pad_frames``: exactly this much padding instead."""
+        return self.transcribe_scored(audio, pad, pad_frames).text
+
+    @torch.inference_mode()
+    def transcribe_scored(self, audio: np.ndarray, pad: bool | None = None, pad_frames: int | None = None) -> Transcript:
+        """``transcribe_whole`` with Whisper's confidence: no-speech probability and
+        mean log-probability of the words; resets."""
         torch.set_num_threads(self.options.threads)
         self.reset()
         mel = StreamingMel(self.model.dims.n_mels)
@@ -511,8 +540,9 @@ class StreamingTranscriber:
             self.language = self._detect_language(window)
         step = self._decode(features, int(8 + 6 * len(audio) / SAMPLE_RATE))
         text = self.tokenizer.decode(step.tail).strip()
+        language = self.language or ""
         self.reset()
-        return text
+        return Transcript(text, step.no_speech_prob, step.logprob / max(1, len(step.tail)), language)
 
     def finish(self) -> Hypothesis:
         """The utterance ended: decode what is left and return the final transcript

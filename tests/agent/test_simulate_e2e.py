@@ -90,9 +90,11 @@ def test_b_hears_a_one_link_delay_late(run):
     # A's first chunk with audio may open with up to a chunk of the voice's lead-in silence.
     assert LATENCY_MS / 1000 <= b_hears - a_speaks <= LATENCY_MS / 1000 + 0.2
     assert metrics["links"]["A->B"]["lost"] == 0
-    # Per floor transfer, what the link adds to the offset beyond the agents' own reaction time.
+    # Per floor transfer, what the link adds to the offset beyond the agents' own reaction time,
+    # plus the edges: a session counts its reply as started with the first chunk that holds audio,
+    # which may open with up to a chunk of the voice's lead-in silence (measured 0.05-0.24 s).
     shares = metrics["fto_minus_reaction_s"]
-    assert shares and np.median(shares) == pytest.approx(LATENCY_MS / 1000, abs=0.1)
+    assert shares and LATENCY_MS / 1000 - 0.05 <= np.median(shares) <= LATENCY_MS / 1000 + 0.25
     assert metrics["link"]["mouth_to_ear_ms"] == LATENCY_MS
 
 

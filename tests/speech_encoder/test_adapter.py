@@ -91,3 +91,23 @@ def test_a_pause_speculates_the_end_of_the_turn_so_nothing_is_left_to_prefill(sm
     head, _ = split_template(small_llm, SYSTEM)
     ids = small_llm.tokenizer.encode(head + "Is it going to rain today? And tomorrow", add_special_tokens=False)
     assert same_state(cache, fresh(small_llm, ids))
+
+
+def test_the_state_after_the_last_word_is_kept_for_the_heads_with_the_end_speculated(small_llm):
+    cache = PrefixCache()
+    adapter = TextAdapter(small_llm, cache, end_guess_ms=60)
+    adapter.begin(SYSTEM)
+    adapter.update(hyp("Is it going", " to rain"))
+    adapter.update(hyp("Is it going to", " rain today?", silence_ms=100))  # words and the prompt's end: one pass
+    head, tail = split_template(small_llm, SYSTEM)
+    # The state after "today", before Whisper's "?" (a guess at the edge of its window).
+    words = fresh(small_llm, small_llm.tokenizer.encode(head + "Is it going to rain today", add_special_tokens=False))
+    assert torch.allclose(adapter.hidden, words.hidden, atol=1e-4)
+    assert cache.ids == small_llm.tokenizer.encode(head + "Is it going to rain today?" + tail, add_special_tokens=False)
+    # Nothing new heard: no work, and the state is still there.
+    assert adapter.update(hyp("Is it going to", " rain today?", silence_ms=260)).tokens == 0
+    assert torch.allclose(adapter.hidden, words.hidden, atol=1e-4)
+    # The words shrink (a revision): the state is that of the shorter text.
+    adapter.update(hyp("Is it going", "", silence_ms=300))
+    shorter = fresh(small_llm, small_llm.tokenizer.encode(head + "Is it going", add_special_tokens=False))
+    assert torch.allclose(adapter.hidden, shorter.hidden, atol=1e-4)

@@ -50,6 +50,7 @@ function addLine(kind, who, text) {
 // -- the session's events ---------------------------------------------------------------------
 
 let agentLine = null; // the agent's reply being spoken
+let userLine = null; // the user's words while they speak (streaming transcript)
 
 function onEvent(ev) {
   switch (ev.type) {
@@ -59,9 +60,22 @@ function onEvent(ev) {
     case "state":
       setState(ev.state);
       break;
+    case "partial_transcript":
+      if (!userLine) userLine = addLine("user partial", "you", "");
+      userLine.querySelector(".text").textContent = ev.committed + ev.tentative;
+      break;
     case "transcript":
-      addLine("user", "you", ev.text);
+      if (userLine) {
+        userLine.classList.remove("partial");
+        userLine.querySelector(".text").textContent = ev.text;
+        userLine = null;
+      } else {
+        addLine("user", "you", ev.text);
+      }
       agentLine = null;
+      break;
+    case "transcript_rejected":
+      if (userLine) { userLine.remove(); userLine = null; }
       break;
     case "agent_text":
       if (!agentLine) agentLine = addLine("agent", "agent", "");

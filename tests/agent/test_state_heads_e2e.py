@@ -1,0 +1,95 @@
+"""The state head decides the turn-taking, on the real models through scripted replays.
+
+While the user speaks, each chunk's words stream into the frozen LLM and its
+state head says continue, interrupt (the turn is over: answer) or reject
+(not meant for the agent: ignore it). These scenarios check what a listener
+would notice: a pause mid-sentence is waited out, a finished question is
+answered with nothing left to prefill, and a cough or a door slam neither
+starts a reply nor stops one.
+"""
+import asyncio
+import json
+import re
+
+import numpy as np
+import pytest
+
+from agent.config import SAMPLE_RATE
+from agent.transports.replay import Utterance, UserScript, run_script
+from bench.duplex_scenarios import cough, door_slam
+from speech_encoder.audio import load_audio
+from tests.conftest import synthesize
+
+pytestmark = pytest.mark.e2e
+
+
+def say(text, tmp_path, name):
+    return load_audio(synthesize(text, tmp_path / f"{name}.wav"), SAMPLE_RATE)
+
+
+def events_of(out):
+    return [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def paused(engine, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pause")
+    script = UserScript([
+        Utterance(say("Could you tell me the name of", tmp, "a"), delay=0.3),
+        Utterance(say("the largest planet in our solar system?", tmp, "b"), delay=0.8),  # a 0.8 s pause
+    ])
+    summary = asyncio.run(run_script(engine, script, tmp / "out"))
+    return tmp / "out", summary
+
+
+def test_a_pause_mid_sentence_is_waited_out_and_the_whole_turn_answered(paused):
+    out, summary = paused
+    (turn,) = summary["turns"]
+    assert "name" in turn["user_text"].lower() and "planet" in turn["user_text"].lower()
+    second_part = summary["user_utterance_starts"][1]
+    starts = [e["t"] for e in events_of(out) if e["type"] == "agent_speech_start"]
+    assert starts and min(starts) > second_part  # the agent said nothing in the pause
+    assert "jupiter" in turn["agent_text"].lower()
+
+
+def test_every_chunk_of_words_gets_the_heads_decision_with_its_probabilities(paused):
+    out, _ = paused
+    listening = [e for e in events_of(out) if e["type"] == "decision" and e["state"] == "listening"
+                 and e["decision"] in ("continue", "interrupt", "reject")]
+    assert {"continue", "interrupt"} <= {e["decision"] for e in listening}
+    for e in listening:
+        assert set(e["probs"]) == {"continue", "interrupt", "reject"}
+        assert sum(e["probs"].values()) == pytest.approx(1.0, abs=0.01)
+        assert e["decision"] == max(e["probs"], key=e["probs"].get) or e["decision"] == "continue"
+
+
+def test_the_reply_finds_the_users_words_already_in_the_llm(paused):
+    _, summary = paused
+    (turn,) = summary["turns"]
+    assert turn["prefill_tokens"] == 0  # streamed in while the user spoke
+
+
+@pytest.fixture(scope="module")
+def noises(engine, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("noise")
+    rng = np.random.default_rng(7)
+    script = UserScript([
+        Utterance(cough(rng), delay=0.5),  # the agent is silent
+        Utterance(door_slam(rng), delay=2.0),
+        Utterance(say("What is two plus two?", tmp, "q"), delay=2.0),
+        Utterance(cough(rng), delay=1.0, trigger="agent_start"),  # the agent is speaking
+        Utterance(door_slam(rng), delay=0.3),
+    ])
+    summary = asyncio.run(run_script(engine, script, tmp / "out"))
+    return tmp / "out", summary
+
+
+def test_a_cough_or_a_door_slam_starts_no_reply_and_stops_none(noises):
+    out, summary = noises
+    ev = events_of(out)
+    (turn,) = summary["turns"]
+    assert re.search(r"(two|2) plus (two|2)", turn["user_text"].lower())
+    assert [e["reason"] for e in ev if e["type"] == "agent_speech_end"] == ["finished"]
+    assert [e["text"] for e in ev if e["type"] == "transcript"] == [turn["user_text"]]
+    question = summary["user_utterance_starts"][2]
+    assert min(e["t"] for e in ev if e["type"] == "agent_speech_start") > question
