@@ -96,6 +96,14 @@ def stream_utterance(st, audio: np.ndarray, chunk: int, tail_silence_s: float):
     return hyps, final, (time.perf_counter() - t0) * 1000
 
 
+def end_to_final_ms(hyps, fallback_ms: float) -> float:
+    """The first step after the last voiced push: the silence it had heard plus its
+    compute (``fallback_ms`` when no step came before ``finish``)."""
+    last_voiced = max((i for i, h in enumerate(hyps) if h.silence_ms == 0 and h.audio_s), default=-1)
+    after = [h for h in hyps[last_voiced + 1:] if h.encoder_frames]
+    return after[0].silence_ms + after[0].compute_ms if after else fallback_ms
+
+
 def prefill_costs(llm, system_prompt: str, hyps, final_text: str) -> dict:
     """End-of-turn prefill with the adapter fed chunk by chunk, and without (the
     whole user message prefilled once the turn has ended)."""
@@ -160,8 +168,7 @@ def run(config: Config, out_path: Path | None = None, limit: int | None = None,
         hyps, final, finish_ms = stream_utterance(st, u.audio, chunk, tail_s)
         # The session learns the words when the first step after the speech stopped
         # returns: the silence heard by then plus that step's compute.
-        after = [h for h in hyps[int(np.ceil(len(u.audio) / chunk)) - 1:] if h.encoder_frames and h.silence_ms]
-        end_to_final = after[0].silence_ms + after[0].compute_ms if after else tail_s * 1000 + finish_ms
+        end_to_final = end_to_final_ms(hyps, tail_s * 1000 + finish_ms)
         rows.append({"id": u.id, "voice": u.voice, "seconds": u.seconds, "ref": u.text,
                      "offline": offline, "offline_ms": offline_ms, "window": window, "padded": padded,
                      "unpadded": unpadded, "chunk_cpu_ms": [h.cpu_ms for h in hyps],

@@ -5,7 +5,8 @@ sooner; whole clauses sound natural. ``ClauseGrouper`` takes the reply as it is
 generated and releases a group at a sentence end, at clause punctuation once the
 group is long enough, or at a space once it grows too long. The first group of a
 reply may be shorter than the rest: that is the group whose synthesis everyone
-waits for.
+waits for; a first sentence with no comma is cut before a word that starts a
+phrase ("is", "of", "because"...) once a few words are in.
 """
 from __future__ import annotations
 
@@ -16,9 +17,17 @@ _SENTENCE_END = re.compile(r"[.!?]+[\"')\]]*(?=\s)")
 _CLAUSE_END = re.compile(r"[,;:]+(?=\s)|\s[-–—]+(?=\s)")
 
 
+# Words a phrase starts with: a long first sentence with no comma may be voiced in
+# two parts, cut just before one of these ("The boiling point of water | is 100
+# degrees"), which is where a speaker would take a breath anyway.
+_PHRASE_STARTS = frozenset("""is are was were has have had can could will would should may might must
+of in on at for with to from by about into and but or so because which that who when where if than""".split())
+
+
 @dataclass(frozen=True)
 class Pacing:
     first_min_chars: int = 12  # first group: release at a clause mark once this long
+    first_phrase_words: int = 5  # ... or before a phrase start once this many words (0: off)
     min_chars: int = 40  # later groups: merge short clauses up to this length
     max_chars: int = 160  # never hold more than this without a break
 
@@ -42,10 +51,21 @@ class ClauseGrouper:
             if m.end() >= self._min():
                 best = m.end()
                 break
+        if best is None and self._groups_out == 0 and self.pacing.first_phrase_words:
+            best = self._phrase_cut()
         if best is None and len(buf) > self.pacing.max_chars:
             space = buf.rfind(" ", 0, self.pacing.max_chars)
             best = space if space > 0 else self.pacing.max_chars
         return best
+
+    def _phrase_cut(self) -> int | None:
+        """Index just before the first phrase start that follows enough words, once
+        that word is complete (a space after it)."""
+        words = list(re.finditer(r"\S+(?=\s)", self._buf))
+        for i, m in enumerate(words):
+            if i >= self.pacing.first_phrase_words and m.group().lower() in _PHRASE_STARTS:
+                return m.start()
+        return None
 
     def push(self, text: str) -> list[str]:
         """Add generated text; return the groups now ready (maybe none)."""

@@ -75,3 +75,25 @@ def test_both_channels_share_one_timeline(france):
     # The user's question sits where it was played: after the 0.5 s lead-in.
     voiced = np.flatnonzero(np.abs(stereo[:, 0]) > 0.02)
     assert voiced[0] / SAMPLE_RATE >= 0.5
+
+
+def test_without_streaming_the_whole_turn_is_transcribed_once_it_ends_and_answered(engine, tmp_path):
+    import asyncio
+    import dataclasses
+
+    from agent.engine import Engine
+    from speech_encoder.audio import load_audio
+    from tests.conftest import synthesize
+
+    whole = Engine(dataclasses.replace(engine.config, streaming=False), engine.asr, engine.llm, engine.tts,
+                   engine.head)  # the same loaded models, the other listening path
+    try:
+        question = load_audio(synthesize("What is the capital of France?", tmp_path / "q.wav"), SAMPLE_RATE)
+        summary = asyncio.run(run_replay(whole, np.concatenate([silence(0.5), question]), tmp_path / "out"))
+    finally:
+        whole.close()
+    (turn,) = summary["turns"]
+    assert "paris" in turn["agent_text"].lower()
+    assert turn["prefill_tokens"] > 0  # the user's words were prefilled after the turn, not during it
+    events = [json.loads(line) for line in (tmp_path / "out" / "events.jsonl").read_text().splitlines()]
+    assert not any(e["type"] == "partial_transcript" for e in events)

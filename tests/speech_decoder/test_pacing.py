@@ -36,3 +36,14 @@ def test_a_long_run_without_punctuation_is_cut_at_a_space():
 
 def test_decimal_numbers_are_not_sentence_ends():
     assert feed("Pi is 3.14 roughly. Yes.", ClauseGrouper()) == ["Pi is 3.14 roughly.", "Yes."]
+
+
+def test_a_long_first_sentence_without_a_comma_is_voiced_from_its_first_phrase():
+    groups = feed("The boiling point of water is 100 degrees Celsius at sea level.", ClauseGrouper())
+    assert groups[0] == "The boiling point of water"  # cut before "is", where a speaker breathes
+    assert " ".join(groups) == "The boiling point of water is 100 degrees Celsius at sea level."
+
+
+def test_a_short_first_sentence_stays_whole_and_later_sentences_are_not_cut_at_phrases():
+    assert feed("A spider has eight legs. Most of them have eight eyes as well.", ClauseGrouper()) == [
+        "A spider has eight legs.", "Most of them have eight eyes as well."]
