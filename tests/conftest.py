@@ -1,6 +1,8 @@
-"""Shared fixtures: speech synthesized on the spot, and the real engine loaded once."""
+"""Shared fixtures: speech synthesized on the spot, the real models loaded once, and
+scripted replays with their events."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -51,3 +53,32 @@ def engine():
 @pytest.fixture(scope="session")
 def asr(engine):
     return engine.asr
+
+
+@pytest.fixture(scope="session")
+def small_llm():
+    """SmolLM2-135M in float32: for the mechanics of the LLM's cache, not for answers."""
+    from agent import models
+    from agent.llm import ChatLLM
+
+    return ChatLLM(models.ensure(config_from().cache_dir, "smollm2-135m"), threads=2, dtype="float32")
+
+
+def say(text: str, tmp_path: Path, name: str) -> np.ndarray:
+    """``text`` spoken by flite as float32 16 kHz samples (kept as ``tmp_path/name.wav``)."""
+    return load_audio(synthesize(text, tmp_path / f"{name}.wav"), SAMPLE_RATE)
+
+
+def replay(engine, tmp_path: Path, *utterances) -> tuple[Path, dict]:
+    """Play a scripted user (``Utterance``s) into a new session in real time;
+    returns the output folder and the run's summary."""
+    import asyncio
+
+    from agent.transports.replay import UserScript, run_script
+
+    summary = asyncio.run(run_script(engine, UserScript(list(utterances)), tmp_path / "out"))
+    return tmp_path / "out", summary
+
+
+def events_of(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]

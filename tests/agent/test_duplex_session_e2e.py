@@ -13,19 +13,11 @@ import numpy as np
 import pytest
 
 from agent.config import SAMPLE_RATE
-from agent.transports.replay import Utterance, UserScript, run_script
-from speech_encoder.audio import load_audio, read_wav
-from tests.conftest import synthesize
+from agent.transports.replay import Utterance
+from speech_encoder.audio import read_wav
+from tests.conftest import events_of, replay, say
 
 pytestmark = pytest.mark.e2e
-
-
-def say(text, tmp_path, name):
-    return load_audio(synthesize(text, tmp_path / f"{name}.wav"), SAMPLE_RATE)
-
-
-def events_of(out):
-    return [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
 
 
 def agent_track(out):
@@ -36,23 +28,17 @@ def agent_track(out):
 @pytest.fixture(scope="module")
 def interruption(engine, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("interrupt")
-    script = UserScript([
-        Utterance(say("Tell me a long story about a brave knight and a dragon.", tmp, "q1"), delay=0.3),
-        Utterance(say("Wait, stop. What is two plus two?", tmp, "q2"), delay=1.5, trigger="agent_start"),
-    ])
-    summary = asyncio.run(run_script(engine, script, tmp / "out"))
-    return tmp / "out", summary
+    return replay(engine, tmp,
+                  Utterance(say("Tell me a long story about a brave knight and a dragon.", tmp, "q1"), delay=0.3),
+                  Utterance(say("Wait, stop. What is two plus two?", tmp, "q2"), delay=1.5, trigger="agent_start"))
 
 
 @pytest.fixture(scope="module")
 def backchannel(engine, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("backchannel")
-    script = UserScript([
-        Utterance(say("Tell me about the ocean in three sentences.", tmp, "q1"), delay=0.3),
-        Utterance(say("Yeah.", tmp, "bc"), delay=1.0, trigger="agent_start"),
-    ])
-    summary = asyncio.run(run_script(engine, script, tmp / "out"))
-    return tmp / "out", summary
+    return replay(engine, tmp,
+                  Utterance(say("Tell me about the ocean in three sentences.", tmp, "q1"), delay=0.3),
+                  Utterance(say("Yeah.", tmp, "bc"), delay=1.0, trigger="agent_start"))
 
 
 def test_a_cut_in_stops_the_agent_and_the_agent_stays_silent_until_it_answers(interruption):
@@ -91,12 +77,9 @@ def test_a_backchannel_while_the_agent_speaks_is_ignored(backchannel):
 @pytest.fixture(scope="module")
 def long_backchannel(engine, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("mmhmm")
-    script = UserScript([
-        Utterance(say("Tell me about the ocean in three sentences.", tmp, "q1"), delay=0.3),
-        Utterance(say("Mm-hmm.", tmp, "bc"), delay=1.0, trigger="agent_start"),  # about 1.1 s of voice
-    ])
-    summary = asyncio.run(run_script(engine, script, tmp / "out"))
-    return tmp / "out", summary
+    return replay(engine, tmp,
+                  Utterance(say("Tell me about the ocean in three sentences.", tmp, "q1"), delay=0.3),
+                  Utterance(say("Mm-hmm.", tmp, "bc"), delay=1.0, trigger="agent_start"))  # about 1.1 s of voice
 
 
 def test_a_backchannel_longer_than_the_barge_in_rule_is_judged_by_the_state_head_and_ignored(long_backchannel):

@@ -21,11 +21,6 @@ LISTENING, SPEAKING = Timing(0, 0, False), Timing(0, 0, True)
 
 
 @pytest.fixture(scope="module")
-def small_llm():
-    return ChatLLM(models.ensure(config_from().cache_dir, "smollm2-135m"), threads=1, dtype="float32")
-
-
-@pytest.fixture(scope="module")
 def qwen():
     llm = ChatLLM(models.ensure(config_from().cache_dir, "qwen2.5-0.5b"), threads=1)
     return llm, StateHead.load("qwen2.5-0.5b")

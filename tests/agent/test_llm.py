@@ -4,18 +4,9 @@ Mechanics only, so the small SmolLM2-135M stands in for the chat model.
 """
 import threading
 
-import pytest
 import torch
 
-from agent import models
-from agent.config import config_from
-from agent.llm import ChatLLM, PrefixCache, common_prefix
-
-
-@pytest.fixture(scope="module")
-def small_llm():
-    path = models.ensure(config_from().cache_dir, "smollm2-135m")
-    return ChatLLM(path, threads=2, dtype="float32")
+from agent.llm import PrefixCache, common_prefix
 
 
 def fresh_logits(llm, ids):

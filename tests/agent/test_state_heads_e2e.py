@@ -7,39 +7,24 @@ would notice: a pause mid-sentence is waited out, a finished question is
 answered with nothing left to prefill, and a cough or a door slam neither
 starts a reply nor stops one.
 """
-import asyncio
-import json
 import re
 
 import numpy as np
 import pytest
 
-from agent.config import SAMPLE_RATE
-from agent.transports.replay import Utterance, UserScript, run_script
+from agent.transports.replay import Utterance
 from bench.duplex_scenarios import cough, door_slam
-from speech_encoder.audio import load_audio
-from tests.conftest import synthesize
+from tests.conftest import events_of, replay, say
 
 pytestmark = pytest.mark.e2e
-
-
-def say(text, tmp_path, name):
-    return load_audio(synthesize(text, tmp_path / f"{name}.wav"), SAMPLE_RATE)
-
-
-def events_of(out):
-    return [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
 def paused(engine, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pause")
-    script = UserScript([
-        Utterance(say("Could you tell me the name of", tmp, "a"), delay=0.3),
-        Utterance(say("the largest planet in our solar system?", tmp, "b"), delay=0.8),  # a 0.8 s pause
-    ])
-    summary = asyncio.run(run_script(engine, script, tmp / "out"))
-    return tmp / "out", summary
+    return replay(engine, tmp,
+                  Utterance(say("Could you tell me the name of", tmp, "a"), delay=0.3),
+                  Utterance(say("the largest planet in our solar system?", tmp, "b"), delay=0.8))  # a 0.8 s pause
 
 
 def test_a_pause_mid_sentence_is_waited_out_and_the_whole_turn_answered(paused):
@@ -73,15 +58,12 @@ def test_the_reply_finds_the_users_words_already_in_the_llm(paused):
 def noises(engine, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("noise")
     rng = np.random.default_rng(7)
-    script = UserScript([
-        Utterance(cough(rng), delay=0.5),  # the agent is silent
-        Utterance(door_slam(rng), delay=2.0),
-        Utterance(say("What is two plus two?", tmp, "q"), delay=2.0),
-        Utterance(cough(rng), delay=1.0, trigger="agent_start"),  # the agent is speaking
-        Utterance(door_slam(rng), delay=0.3),
-    ])
-    summary = asyncio.run(run_script(engine, script, tmp / "out"))
-    return tmp / "out", summary
+    return replay(engine, tmp,
+                  Utterance(cough(rng), delay=0.5),  # the agent is silent
+                  Utterance(door_slam(rng), delay=2.0),
+                  Utterance(say("What is two plus two?", tmp, "q"), delay=2.0),
+                  Utterance(cough(rng), delay=1.0, trigger="agent_start"),  # the agent is speaking
+                  Utterance(door_slam(rng), delay=0.3))
 
 
 def test_a_cough_or_a_door_slam_starts_no_reply_and_stops_none(noises):

@@ -2,22 +2,13 @@
 
 Mechanics only, so the small SmolLM2-135M stands in for the chat model.
 """
-import pytest
 import torch
 
-from agent import models
-from agent.config import config_from
-from agent.llm import ChatLLM, PrefixCache
+from agent.llm import PrefixCache
 from speech_encoder.adapter import TextAdapter, split_template
 from speech_encoder.streaming import Hypothesis
 
 SYSTEM = [{"role": "system", "content": "Be brief."}]
-
-
-@pytest.fixture(scope="module")
-def small_llm():
-    path = models.ensure(config_from().cache_dir, "smollm2-135m")
-    return ChatLLM(path, threads=2, dtype="float32")
 
 
 def fresh(llm, ids):
@@ -35,6 +26,20 @@ def hyp(committed, tentative="", silence_ms=0, rollback=None):
     return Hypothesis(committed=committed, tentative=tentative, silence_ms=silence_ms, rollback=rollback)
 
 
+def started(llm, **options) -> tuple[TextAdapter, PrefixCache]:
+    """An adapter on a new cache, at the start of a user turn after SYSTEM."""
+    cache = PrefixCache()
+    adapter = TextAdapter(llm, cache, **options)
+    adapter.begin(SYSTEM)
+    return adapter, cache
+
+
+def ids_after_head(llm, text: str) -> list[int]:
+    """Token ids of the template's head (SYSTEM, then the user's turn) followed by ``text``."""
+    head, _ = split_template(llm, SYSTEM)
+    return llm.tokenizer.encode(head + text, add_special_tokens=False)
+
+
 def test_the_template_is_split_around_the_users_text(small_llm):
     head, tail = split_template(small_llm, SYSTEM)
     assert head.endswith("user\n") and "Be brief." in head
@@ -42,9 +47,7 @@ def test_the_template_is_split_around_the_users_text(small_llm):
 
 
 def test_finalize_leaves_exactly_the_prompt_the_session_would_build(small_llm):
-    cache = PrefixCache()
-    adapter = TextAdapter(small_llm, cache)
-    adapter.begin(SYSTEM)
+    adapter, cache = started(small_llm)
     for h in [hyp("", "What"), hyp("What", " is the"), hyp("What is the", " capital of France?")]:
         adapter.update(h)
     adapter.finalize("What is the capital of France?")
@@ -55,22 +58,16 @@ def test_finalize_leaves_exactly_the_prompt_the_session_would_build(small_llm):
 
 
 def test_after_a_revised_tentative_tail_and_a_rollback_the_cache_equals_a_fresh_prefill(small_llm):
-    cache = PrefixCache()
-    adapter = TextAdapter(small_llm, cache)
-    adapter.begin(SYSTEM)
+    adapter, cache = started(small_llm)
     adapter.update(hyp("Book a table", " for four people"))
     adapter.update(hyp("Book a table for", " for people"))  # the tentative tail changed
     adapter.update(hyp("", "Look", rollback=0))  # everything withdrawn
     adapter.update(hyp("Look at the", " trains in Rome"))
-    head, _ = split_template(small_llm, SYSTEM)
-    ids = small_llm.tokenizer.encode(head + "Look at the trains in Rome", add_special_tokens=False)
-    assert same_state(cache, fresh(small_llm, ids))
+    assert same_state(cache, fresh(small_llm, ids_after_head(small_llm, "Look at the trains in Rome")))
 
 
 def test_growing_text_costs_only_its_new_tokens_and_little_is_left_at_the_end(small_llm):
-    cache = PrefixCache()
-    adapter = TextAdapter(small_llm, cache, tentative=False)
-    adapter.begin(SYSTEM)
+    adapter, cache = started(small_llm, tentative=False)
     words = "I would like to book a table for four people tomorrow evening".split()
     costs = [adapter.update(hyp(" ".join(words[:i]))).tokens for i in range(1, len(words) + 1)]
     assert max(costs) <= 3  # one word at a time
@@ -80,34 +77,28 @@ def test_growing_text_costs_only_its_new_tokens_and_little_is_left_at_the_end(sm
 
 
 def test_a_pause_speculates_the_end_of_the_turn_so_nothing_is_left_to_prefill(small_llm):
-    cache = PrefixCache()
-    adapter = TextAdapter(small_llm, cache, end_guess_ms=200)
-    adapter.begin(SYSTEM)
+    adapter, cache = started(small_llm, end_guess_ms=200)
     adapter.update(hyp("Is it going", " to rain"))
     adapter.update(hyp("Is it going to", " rain today?", silence_ms=240))
     assert adapter.finalize("Is it going to rain today?").tokens == 0
     # A pause that was not the end: the speculated tail is rolled back when speech goes on.
     adapter.update(hyp("Is it going to rain today? And", " tomorrow"))
-    head, _ = split_template(small_llm, SYSTEM)
-    ids = small_llm.tokenizer.encode(head + "Is it going to rain today? And tomorrow", add_special_tokens=False)
-    assert same_state(cache, fresh(small_llm, ids))
+    assert same_state(cache, fresh(small_llm, ids_after_head(small_llm, "Is it going to rain today? And tomorrow")))
 
 
 def test_the_state_after_the_last_word_is_kept_for_the_heads_with_the_end_speculated(small_llm):
-    cache = PrefixCache()
-    adapter = TextAdapter(small_llm, cache, end_guess_ms=60)
-    adapter.begin(SYSTEM)
+    adapter, cache = started(small_llm, end_guess_ms=60)
     adapter.update(hyp("Is it going", " to rain"))
     adapter.update(hyp("Is it going to", " rain today?", silence_ms=100))  # words and the prompt's end: one pass
-    head, tail = split_template(small_llm, SYSTEM)
+    _, tail = split_template(small_llm, SYSTEM)
     # The state after "today", before Whisper's "?" (a guess at the edge of its window).
-    words = fresh(small_llm, small_llm.tokenizer.encode(head + "Is it going to rain today", add_special_tokens=False))
+    words = fresh(small_llm, ids_after_head(small_llm, "Is it going to rain today"))
     assert torch.allclose(adapter.hidden, words.hidden, atol=1e-4)
-    assert cache.ids == small_llm.tokenizer.encode(head + "Is it going to rain today?" + tail, add_special_tokens=False)
+    assert cache.ids == ids_after_head(small_llm, "Is it going to rain today?" + tail)
     # Nothing new heard: no work, and the state is still there.
     assert adapter.update(hyp("Is it going to", " rain today?", silence_ms=260)).tokens == 0
     assert torch.allclose(adapter.hidden, words.hidden, atol=1e-4)
     # The words shrink (a revision): the state is that of the shorter text.
     adapter.update(hyp("Is it going", "", silence_ms=300))
-    shorter = fresh(small_llm, small_llm.tokenizer.encode(head + "Is it going", add_special_tokens=False))
+    shorter = fresh(small_llm, ids_after_head(small_llm, "Is it going"))
     assert torch.allclose(adapter.hidden, shorter.hidden, atol=1e-4)
