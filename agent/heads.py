@@ -62,6 +62,10 @@ class Decision:
     def p(self, label: str) -> float:
         return self.probs[LABELS.index(label)]
 
+    def by_label(self) -> dict[str, float]:
+        """The probabilities as events carry them: label -> p, to 3 decimals."""
+        return {k: round(float(p), 3) for k, p in zip(LABELS, self.probs)}
+
 
 def decide_label(probs, thresholds: Thresholds = Thresholds()) -> str:
     """Freeze-Omni's rule: reject first, then interrupt, else continue."""

@@ -342,7 +342,7 @@ class Session:
 
     def _judge_job(self, audio: np.ndarray, messages: list[dict], heard: str, timing) -> tuple[str, dict | None, str]:
         """Model thread: the words of the cut-in so far, then the head's verdict on them."""
-        from agent.heads import LABELS, chunk_hidden
+        from agent.heads import chunk_hidden
         from speech_encoder.streaming import StreamingTranscriber
 
         if self._transcriber is None:
@@ -357,7 +357,7 @@ class Session:
             return "continue", None, text
         hidden = chunk_hidden(self.engine.llm, self._listen_cache, messages, text, heard or None)
         verdict = self.engine.head.decide(hidden, timing)
-        return verdict.label, {k: round(float(p), 3) for k, p in zip(LABELS, verdict.probs)}, text
+        return verdict.label, verdict.by_label(), text
 
     def _on_verdict(self, cut_in: int, job: asyncio.Future, voiced_ms: int) -> None:
         self._judging = False
@@ -423,7 +423,8 @@ class Session:
                 frames = list(self._utterance)
             turn = self._open_turn(frames)
         else:
-            turn.speech_ms += max(0, voiced - turn.voiced_mark) if voiced >= turn.voiced_mark else voiced
+            # The endpointer's count restarts with each stretch of speech.
+            turn.speech_ms += voiced - turn.voiced_mark if voiced >= turn.voiced_mark else voiced
         turn.voiced_mark = voiced
         turn.in_flight += 1
         job = self.engine.model_worker.run_urgent(turn.listen, self.engine, self.cache, turn.take_new())

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from agent.heads import LABELS, Timing
+from agent.heads import Timing
 from speech_encoder.adapter import Prefill, TextAdapter
 from speech_encoder.streaming import Hypothesis, StreamingOptions, StreamingTranscriber
 
@@ -108,7 +108,7 @@ class UserTurn:
         if head is None or self.hidden is None:
             return None
         verdict = head.decide(self.hidden, timing)
-        return verdict.label, {k: round(p, 3) for k, p in zip(LABELS, verdict.probs)}
+        return verdict.label, verdict.by_label()
 
     def final(self, engine, cache, audio: np.ndarray) -> Final:
         """Model thread: the rest of the audio, the last step, the reply's prompt in the cache."""

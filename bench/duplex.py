@@ -199,21 +199,21 @@ async def call(url: str, scenario: Scenario, run_dir: Path, tail_s: float = 1.5)
 def aggregate(out: Path, machine: str, config: Config, transport: str, scenarios: list[Scenario]) -> dict:
     by_cat: dict[str, list] = {c: [] for c in CATEGORIES}
     skipped: dict[str, int] = {c: 0 for c in CATEGORIES}
+    delays = []  # turntaking: the engine's end-of-turn decision after the last word, s
     for s in scenarios:
         path = out / s.category / s.id / "score.json"
         if not path.exists():
             continue
-        r = json.loads(path.read_text())["result"]
+        scored = json.loads(path.read_text())
+        if scored.get("turn_end_decision_s") is not None:
+            delays.append(scored["turn_end_decision_s"])
+        r = scored["result"]
         if r is None:
             skipped[s.category] += 1
         else:
             by_cat[s.category].append(score.from_dict(s.category, r))
     metrics = {c: {**score.summarize(c, rs), "n_not_played": skipped[c]} for c, rs in by_cat.items()
                if rs or skipped[c]}
-    delays = [d for s in scenarios if s.category == "turntaking"
-              and (out / s.category / s.id / "score.json").exists()
-              and (d := json.loads((out / s.category / s.id / "score.json").read_text()).get("turn_end_decision_s"))
-              is not None]
     if delays and "turntaking" in metrics:
         chunk_s = config.chunk_ms / 1000
         metrics["turntaking"]["decision_p50_chunks"] = round(float(np.median(delays)) / chunk_s, 2)
