@@ -51,7 +51,11 @@ class Config:
     speculate_ms: int = field(default=200, metadata={"help": "without streaming: silence after which the reply is computed, unplayed, before the turn is confirmed over (0: off)"})
     max_pause_ms: int = field(default=1500, metadata={"help": "streaming with the state head: silence that ends the user's turn whatever the head says"})
     state_heads: bool = field(default=True, metadata={"help": "let the learned state head judge the end of each user turn and every cut-in (else: silence ends a turn, any cut-in of barge_in_ms stops the agent)"})
-    barge_in_ms: int = field(default=400, metadata={"help": "user speech that stops the agent mid-reply"})
+    barge_in_ms: int = field(default=400, metadata={"help": "without the state head: user speech that stops the agent mid-reply"})
+    cut_in: str = field(default="hold", metadata={"help": "the agent's voice when the user starts talking over it: hold (pause at once, go on where it stopped if the head rejects the cut-in) or duck (12 dB lower until judged)"})
+    cut_in_judge_ms: int = field(default=200, metadata={"help": "voiced ms of a cut-in before the state head first judges it"})
+    hold_max_ms: int = field(default=1500, metadata={"help": "a held voice gives way to a cut-in still talking after this long that the head has not rejected"})
+    distant_db: float = field(default=5.0, metadata={"help": "speech this many dB below the user's own voice (measured on the turns answered) is someone else: no hold, no turn (0: off)"})
     max_history_turns: int = field(default=8, metadata={"help": "conversation turns kept for the LLM"})
     max_new_tokens: int = field(default=80, metadata={"help": "longest reply, in LLM tokens"})
     temperature: float = field(default=0.0, metadata={"help": "LLM sampling temperature; 0 is greedy"})
@@ -70,6 +74,10 @@ class Config:
             raise ValueError("tts cosyvoice2 needs tts_model_dir (--tts-model-dir DIR): its weights are in no package")
         if self.llm_dtype not in ("dual", "bfloat16", "float32"):
             raise ValueError(f"llm_dtype must be 'dual', 'bfloat16' or 'float32', got {self.llm_dtype!r}")
+        if self.cut_in not in ("hold", "duck"):
+            raise ValueError(f"cut_in must be 'hold' or 'duck', got {self.cut_in!r}")
+        if self.distant_db < 0:
+            raise ValueError("distant_db must be >= 0 (0: off)")
         if not 0 <= self.vad_aggressiveness <= 3:
             raise ValueError("vad_aggressiveness must be 0..3")
 

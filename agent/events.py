@@ -39,7 +39,10 @@ class Decision(Event):
     """What the session decided at the end of a chunk, and in which state.
 
     decisions: endpoint (the user's turn is over), speculate (start the reply
-    during a pause, unplayed), resume (the user went on: drop it), duck, reject
+    during a pause, unplayed), resume (the user went on: drop it), hold or duck
+    (the user may be cutting in: the voice pauses, or drops 12 dB), release (the
+    cut-in paused without words: the voice goes on), hum (Whisper heard a hum,
+    not words: the voice goes on while the cut-in is still judged), reject
     (short speech while speaking: carry on), interrupt (barge-in: stop). With
     the state head, its label on every chunk of the user's words: continue,
     interrupt (while listening: the turn is over, answer it) or reject (ignore

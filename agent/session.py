@@ -22,16 +22,23 @@ States: listening -> (user turn ends) thinking -> (first audio plays) speaking
   over; if the user goes on, the work is dropped.
 - User speech while thinking: the user was not done; the reply is dropped and
   the turn goes on.
-- User speech while speaking: the agent's voice is ducked at once; sustained
-  speech (``barge_in_ms``) is a barge-in: the reply stops and the history keeps
-  only the words the user heard. Speech that ends sooner (a backchannel, a
-  cough) is rejected and the voice comes back up without a gap.
+- User speech while speaking (a cut-in): the agent's voice holds at once, as
+  a person falls silent when talked over (``cut_in="hold"``; or is ducked 12 dB,
+  ``"duck"``). The state head judges the cut-in's words as they come: interrupt
+  stops the reply (the history keeps only the words the user heard) and the
+  cut-in becomes the user's turn; reject (a backchannel, a cough) or a cut-in
+  that ends without a verdict lets the voice go on from where it held. Without
+  the head, ``barge_in_ms`` of speech is a barge-in.
+- Speech well below the level of the user's own voice (``distant_db``: a TV in
+  the next room, somebody talking to somebody else) is not addressed to the
+  agent: it neither holds the voice nor opens a turn.
 """
 from __future__ import annotations
 
 import asyncio
 import enum
 import logging
+import re
 import threading
 import time
 from collections import deque
@@ -55,11 +62,30 @@ from speech_encoder.vad import FRAME_SAMPLES, Endpointer, VadEvent
 log = logging.getLogger(__name__)
 PRE_ROLL_S = 0.2  # audio kept from before the detected onset, so Whisper hears it
 DUCK_GAIN = 0.25  # -12 dB: the agent lowers its voice while the user may be cutting in
+# A cut-in that has gone quiet this long without claiming the floor has ended
+# (the endpointer's own end of speech takes longer: a held voice must not wait for it).
+CUT_IN_PAUSE_MS = 200
+LEVEL_FLOOR_DB = -55.0  # frames quieter than this are not part of anybody's voice level
 RAMP_SAMPLES = SAMPLE_RATE // 100  # 10 ms gain ramps: no click at a duck, un-duck or stop
 # Whisper's mean log-probability below which a cut-in's transcript is a guess, not
 # words (measured on flite speech, tiny.en: a hummed "mm-hmm" comes out as "N",
 # "and image and" at -1.6 to -4.0; "Wait" at -0.9 from 0.6 s of audio).
 CUT_IN_MIN_LOGPROB = -1.5
+# Previous text for Whisper on a cut-in: with fillers in the prompt it spells a hum
+# as one ("M-m-", "Uh-h") instead of inventing words ("and then major"); measured
+# on the bench's flite/espeak/piper backchannels and cut-ins, the words of the
+# cut-ins came out the same.
+CUT_IN_PROMPT = " Mm-hmm. Uh-huh. Hmm, okay."
+HUM_LETTERS = frozenset("mhnu")  # "mm", "hmm", "mhm", "uh-huh", "nn": voice without words
+
+
+def hum(text: str) -> bool:
+    """Whisper's spelling of a hum, a backchannel sound or a noise: letters with no
+    word among them ("M-M-H-N", "MM MM", "Uh-huh", "N."). The held voice goes
+    on; the cut-in is still judged if words follow ("Mm, wait...")."""
+    tokens = re.findall(r"\w+", text)
+    return bool(tokens) and all(t.isascii() and t.isalpha() and (len(t) == 1 or set(t.lower()) <= HUM_LETTERS)
+                                for t in tokens)
 
 
 class State(enum.Enum):
@@ -101,6 +127,16 @@ class Outbox:
                 self._pieces[0] = (audio[take:], text)
         self.samples -= filled
         return out, filled, done, tail
+
+    def peek(self, n: int) -> np.ndarray:
+        """A copy of the next n samples (fewer if fewer are queued), left queued."""
+        parts, need = [], n
+        for audio, _ in self._pieces:
+            if need <= 0:
+                break
+            parts.append(audio[:need])
+            need -= len(parts[-1])
+        return np.concatenate(parts) if parts else np.zeros(0, np.float32)
 
     def clear(self) -> None:
         self._pieces.clear()
@@ -170,11 +206,21 @@ class Session:
         self._gain = self._gain_target = 1.0
         self._tail: np.ndarray | None = None  # a fade-out still to play after a stop
         self._barge_in_pending = False  # the last interruption's user speech is not yet transcribed
+        self._holding = False  # the voice is held for a cut-in: nothing is played, nothing is lost
+        self._hold_faded = False  # ... and the fade to silence has gone out
+        self._hold_t = 0.0  # media time the held voice fell silent
+        # Levels (dB) of the current activation's frames, and of the user's turns answered so far.
+        self._levels: deque[float] = deque(maxlen=250)
+        self._voice_levels: deque[float] = deque(maxlen=5)
+        self._turn_onset = 0  # the onset (``_cut_in_id``) that opened the current turn
         # Judging a cut-in with the state head (agent/heads.py), one at a time:
         self._cut_in_id = 0  # counts user onsets, so a late verdict on an old cut-in is ignored
         self._judging = False
         self._judged_reject = False  # the head called the current cut-in not meant for the agent
         self._judge_after_ms = 0  # voiced ms before the next judgment of the same cut-in
+        self._judged_voiced_ms = 0  # voiced ms of the cut-in when it was last judged
+        self._yielded = False  # the voice has held (or ducked) for the current cut-in
+        self._cut_in_words = False  # the head has judged words of it (not Whisper's guesses)
         self._ended_cut_in: tuple[np.ndarray, float] | None = None  # a cut-in that ended while judged
         self._listen_cache = PrefixCache()  # the heads' own KV cache: the reply's may be generating
         self._transcriber = None  # a StreamingTranscriber, made in the model thread when first needed
@@ -204,7 +250,8 @@ class Session:
         reply.t_asr_done = time.monotonic()
         reply.decoder = SpeechDecoder(self.engine.tts, self.engine.tts_executor, loop,
                                       on_audio=lambda a, t: self._on_audio(reply, a, t),
-                                      on_group=lambda g: self.emit(AgentText(self.now, g)))
+                                      on_group=lambda g: self.emit(AgentText(self.now, g)),
+                                      ahead=lambda: self._outbox.samples / SAMPLE_RATE)
         self._reply = reply
         self._set_state(State.THINKING)
         reply.decoder.feed(text)
@@ -234,6 +281,7 @@ class Session:
             self._recent.append((t, frame))
             if self._utterance is not None:
                 self._utterance.append(frame)
+                self._add_level(frame)
             if self._turn is not None:
                 self._turn.frames.append(frame)
             for ev in self._endpointer.process(frame, t):
@@ -261,11 +309,15 @@ class Session:
             self._user_onset = ev.t
             self._cut_in_id += 1
             self._judged_reject, self._judge_after_ms, self._ended_cut_in = False, 0, None
+            self._judged_voiced_ms, self._yielded, self._cut_in_words = 0, False, False
             self._utterance = [f for t, f in self._recent if t >= ev.t - PRE_ROLL_S]
+            self._levels.clear()
+            for f in self._utterance:
+                self._add_level(f)
             if self.state is State.SPEAKING:
-                self._gain_target = DUCK_GAIN
-                self._decide_as("duck")
-            elif self._reply is not None:
+                if not self._distant():
+                    self._yield_voice()
+            elif self._reply is not None and not self._distant():
                 # The user was not done: drop the reply and keep listening to the whole turn.
                 self._drop_reply(rejoin=True)
             return
@@ -276,9 +328,8 @@ class Session:
             return
         if self.state is State.SPEAKING:
             # Too short to be a barge-in, or judged not meant for the agent: it goes on.
-            self._gain_target = 1.0
-            self._decide_as("reject")
-            self.emit(TranscriptRejected(self.now, "", "short speech while the agent speaks"))
+            if self._holding or self._gain_target != 1.0:
+                self._release("reject", "short speech while the agent speaks")
             return
         if self.config.streaming:
             if self._turn is not None and self.engine.head is None:
@@ -300,11 +351,8 @@ class Session:
     def _decide(self) -> None:
         """End of chunk: barge-in, and speculative start during a pause."""
         ep = self._endpointer
-        if (self.state is State.SPEAKING and ep.in_speech and ep.voiced_ms_in_turn >= self.config.barge_in_ms):
-            if self.engine.head is None:
-                self._interrupt()
-            elif not (self._judging or self._judged_reject) and ep.voiced_ms_in_turn >= self._judge_after_ms:
-                self._judge_cut_in()
+        if self.state is State.SPEAKING:
+            self._cut_in_step()
             return
         if self.config.streaming:
             self._listen()
@@ -327,12 +375,98 @@ class Session:
 
     # -- judging a cut-in while the agent speaks (the state head) ---------------------------------
 
+    def _cut_in_step(self) -> None:
+        """End of a chunk while the agent speaks: hold, judge, give way or go on."""
+        ep = self._endpointer
+        if self._utterance is None:
+            return  # no cut-in in progress (one that ended was settled in _on_vad)
+        voiced = ep.voiced_ms_in_turn
+        if self.engine.head is None:
+            if voiced >= self.config.barge_in_ms:
+                self._interrupt()
+            return
+        if self._judged_reject:
+            return
+        if self._distant():
+            if self._holding or self._gain_target != 1.0:
+                self._release("reject", "quieter than the user's voice: not addressed to the agent")
+            return
+        if not self._yielded:
+            self._yield_voice()  # it got loud enough to be the user
+        held_ms = (self.now - self._hold_t) * 1000 if self._holding else 0.0
+        if held_ms >= self.config.hold_max_ms and ep.silence_ms == 0:
+            self._interrupt()  # talking on over a silent agent, never rejected: the floor is theirs
+            return
+        if ep.silence_ms >= CUT_IN_PAUSE_MS:
+            # A pause in the cut-in. No words in it so far (a cough, a hum): speak on at
+            # once. Else judge the words so far once more; no new words, no claim.
+            if self._holding and not self._cut_in_words:
+                self._release("release", "")
+            if self._judging:
+                return
+            if voiced > self._judged_voiced_ms:
+                self._judge_cut_in()
+            elif self._holding:
+                self._release("release", "")
+            return
+        if self._judging:
+            return
+        if voiced >= max(self.config.cut_in_judge_ms, self._judge_after_ms):
+            self._judge_cut_in()
+
+    def _yield_voice(self) -> None:
+        """The user may be cutting in: hold the voice (or duck it) until it is judged."""
+        self._yielded = True
+        if self.config.cut_in == "hold":
+            self._holding, self._hold_faded = True, False
+            self._hold_t = self.now + self.config.chunk_samples / SAMPLE_RATE  # refined when the fade goes out
+            self._decide_as("hold")
+        else:
+            self._gain_target = DUCK_GAIN
+            self._decide_as("duck")
+
+    def _release(self, decision: str, why: str, probs: dict | None = None, text: str = "") -> None:
+        """The cut-in was not for the agent: its voice goes on from where it held."""
+        if self._holding:
+            self._holding = False
+            self._gain = 0.0  # ramps back up from silence
+        self._gain_target = 1.0
+        self._decide_as(decision, probs)
+        if why:
+            self.emit(TranscriptRejected(self.now, text, why))
+
+    def _add_level(self, frame: np.ndarray) -> None:
+        db = 10 * np.log10(float(np.mean(np.square(frame))) + 1e-12)
+        if db > LEVEL_FLOOR_DB:
+            self._levels.append(db)
+
+    def _distant(self) -> bool:
+        """The current activation is well below the user's voice: somebody else.
+
+        Levels are the 90th percentile of 20 ms frame levels (the loud part of
+        the speech, not its gaps); the user's voice is the median over the last
+        turns answered. No turn answered yet: nobody is known to be distant."""
+        if not self.config.distant_db or not self._voice_levels or len(self._levels) < 5:
+            return False
+        level = float(np.percentile(self._levels, 90))
+        return level < float(np.median(self._voice_levels)) - self.config.distant_db
+
+    def _note_voice_level(self, audio: np.ndarray) -> None:
+        n = len(audio) // FRAME_SAMPLES
+        if n == 0:
+            return
+        db = 10 * np.log10(np.mean(np.square(audio[:n * FRAME_SAMPLES].reshape(n, -1)), axis=1) + 1e-12)
+        db = db[db > LEVEL_FLOOR_DB]
+        if len(db) >= 5:
+            self._voice_levels.append(float(np.percentile(db, 90)))
+
     def _judge_cut_in(self) -> None:
         """Ask the state head whether the user's speech over the agent is meant to
         take the floor (interrupt), is a backchannel or side talk (reject), or is
         too early to tell (continue). Runs in the model thread's fast lane."""
         ep, reply = self._endpointer, self._reply
         self._judging = True
+        self._judged_voiced_ms = ep.voiced_ms_in_turn
         cut_in = self._cut_in_id
         messages = [{"role": "system", "content": self.system_prompt}] + self.history
         timing = Timing(ep.silence_ms, ep.voiced_ms_in_turn, True)
@@ -347,10 +481,12 @@ class Session:
 
         if self._transcriber is None:
             self._transcriber = StreamingTranscriber.from_asr(self.engine.asr, model_name=self.config.asr_model)
-        heard_words = self._transcriber.transcribe_scored(audio)
+        heard_words = self._transcriber.transcribe_scored(audio, prompt=CUT_IN_PROMPT)
         text = heard_words.text
         if is_hallucination(Transcript(text, 0.0, 0.0, "")):
             return "reject", None, text
+        if hum(text):
+            return "hum", None, text
         if heard_words.avg_logprob < CUT_IN_MIN_LOGPROB:
             # Whisper is guessing (a hum, a cough, the first syllable of a word):
             # no verdict on guesses; listen to more of it.
@@ -382,14 +518,20 @@ class Session:
                     self._start_reply(np.concatenate(self._held + [ended[0]]), ended[1], confirmed=True)
                     self._held = []
             return
+        self._cut_in_words = self._cut_in_words or probs is not None
         if label == "reject":
             self._judged_reject = True
         else:
             self._judge_after_ms = voiced_ms + self.config.chunk_ms  # too early: look again later
-        self._decide_as(label, probs)
-        if ended is not None or label == "reject" and not self._endpointer.in_speech:
-            self._gain_target = 1.0
-            self.emit(TranscriptRejected(self.now, text, f"state head: {label} while the agent speaks"))
+        ep = self._endpointer
+        paused = not ep.in_speech or ep.silence_ms >= CUT_IN_PAUSE_MS
+        if label == "hum" and ended is None and not paused:
+            self._release("hum", "")  # a hum so far: speak on, and keep listening to it
+        elif label in ("reject", "hum") or ended is not None or paused:
+            # Not for the agent, or over (or paused) without claiming the floor: go on.
+            self._release(label, f"state head: {label} while the agent speaks", probs, text)
+        else:
+            self._decide_as(label, probs)
 
     # -- streaming: the user's turn heard chunk by chunk (agent/turn.py) -------------------------------
 
@@ -414,9 +556,17 @@ class Session:
             self._drop_reply(rejoin=True)
             self._decide_as("resume")
         turn = self._turn
+        if turn is not None and self._turn_onset == self._cut_in_id and self._utterance is not None and self._distant():
+            # The speech that opened the turn proved to be well below the user's voice.
+            self._turn = None
+            self._decide_as("reject")
+            self.emit(TranscriptRejected(self.now, turn.text, "quieter than the user's voice: not addressed to the agent"))
+            return
         if turn is None:
             if not (ep.in_speech and ep.silence_ms == 0 and self._utterance is not None):
                 return
+            if self._distant():
+                return  # somebody else (a TV, a conversation in the room): no turn
             if self._held:
                 frames = self._held + [f for t, f in self._recent if t >= self._held_until]
             else:
@@ -447,6 +597,7 @@ class Session:
                         speech_ms=self._endpointer.voiced_ms_in_turn, voiced_mark=self._endpointer.voiced_ms_in_turn)
         self._held = []
         self._turn = turn
+        self._turn_onset = self._cut_in_id
         return turn
 
     def _on_heard(self, turn: UserTurn, job: asyncio.Future) -> None:
@@ -543,12 +694,14 @@ class Session:
             self._finish_reply(reply, interrupted=False)
             return
         self._barge_in_pending = False
+        self._note_voice_level(reply.audio)  # words answered: this is the user's voice
         reply.user_text = transcript.text
         self.emit(TranscriptEvent(self.now, transcript.text, transcript.no_speech_prob))
         messages = messages + [{"role": "user", "content": transcript.text}]
         reply.decoder = SpeechDecoder(engine.tts, engine.tts_executor, loop,
                                       on_audio=lambda a, t: self._on_audio(reply, a, t),
-                                      on_group=lambda g: self.emit(AgentText(self.now, g)))
+                                      on_group=lambda g: self.emit(AgentText(self.now, g)),
+                                      ahead=lambda: self._outbox.samples / SAMPLE_RATE)
         try:
             await loop.run_in_executor(engine.model_executor, self._generate, reply, messages)
         finally:
@@ -593,6 +746,17 @@ class Session:
             if self._tail is not None:
                 out[:len(self._tail)], self._tail = self._tail, None
             return out
+        if self._holding:
+            # Held: silence, and the reply stays where it was. The first held chunk
+            # carries a 10 ms fade of what comes next (no click); it plays again on release.
+            out = np.zeros(n, np.float32)
+            if not self._hold_faded:
+                fade = self._outbox.peek(RAMP_SAMPLES)
+                out[:len(fade)] = fade * np.linspace(self._gain, 0.0, RAMP_SAMPLES, endpoint=False,
+                                                     dtype=np.float32)[:len(fade)]
+                self._hold_faded = True
+                self._hold_t = min(self._agent_audio_end, self.now + n / SAMPLE_RATE) + len(fade) / SAMPLE_RATE
+            return out
         out, real, groups, tail = self._outbox.pop(n)
         if groups:
             reply.played_groups.extend(groups)
@@ -623,14 +787,18 @@ class Session:
 
     def _interrupt(self, probs: dict | None = None) -> None:
         reply = self._reply
-        # The chunk sent last tick is playing until the end of this one; the next
-        # one carries only a short fade to silence (no click), then nothing.
-        fade, real, _, _ = self._outbox.pop(RAMP_SAMPLES)
-        fade *= np.linspace(self._gain, 0.0, RAMP_SAMPLES, endpoint=False, dtype=np.float32)
-        self._stop(reply)
-        self._tail = fade[:real]
-        stop_t = min(self._agent_audio_end, self.now + self.config.chunk_samples / SAMPLE_RATE)
-        stop_t += real / SAMPLE_RATE
+        if self._holding and self._hold_faded:
+            stop_t = self._hold_t  # the voice has been silent since it held
+            self._stop(reply)
+        else:
+            # The chunk sent last tick is playing until the end of this one; the next
+            # one carries only a short fade to silence (no click), then nothing.
+            fade, real, _, _ = self._outbox.pop(RAMP_SAMPLES)
+            fade *= np.linspace(self._gain, 0.0, RAMP_SAMPLES, endpoint=False, dtype=np.float32)
+            self._stop(reply)
+            self._tail = fade[:real]
+            stop_t = min(self._agent_audio_end, self.now + self.config.chunk_samples / SAMPLE_RATE)
+            stop_t += real / SAMPLE_RATE
         self.stats.interruptions += 1
         self.stats.stop_latencies.append(stop_t - self._user_onset)
         self._barge_in_pending = True
@@ -648,6 +816,7 @@ class Session:
             reply.decoder.cancel()
         self._outbox.clear()
         self._gain = self._gain_target = 1.0
+        self._holding = False
 
     def _drop_reply(self, rejoin: bool) -> None:
         """Forget a reply the user talked over before it played; with ``rejoin``
@@ -691,6 +860,7 @@ class Session:
         if reply is not self._reply:
             return
         self._reply = None
+        self._holding = False
         self._set_state(State.LISTENING)
         if reply.agent_start is None:
             return  # nothing was said (rejected transcript, or an empty reply)

@@ -260,7 +260,7 @@ def report(res: dict, say=print) -> None:
         say(f"     {bucket:9} {b['utterances']:3} utt {b['chunks']:5} chunks  wall p50 {b['p50']:6.1f} p95 {b['p95']:6.1f} ms"
             f"  cpu p50 {b['cpu_p50']:6.1f} p95 {b['cpu_p95']:6.1f} ms")
     say(f"     steps per second of audio {res['steps_per_s']:.1f}; compute / audio time {res['rtf']:.2f}")
-    say(f"end of speech -> final words known (silence heard + the step): p50 {res['end_to_final_ms_p50']:.0f} ms, "
+    say(f"end of speech -> final words known (silence heard + the end step): p50 {res['end_to_final_ms_p50']:.0f} ms, "
         f"p90 {res['end_to_final_ms_p90']:.0f} ms")
     say(f"finish() once the endpointer's silence was pushed: p50 {res['finish_ms_p50']:.1f} ms, p95 "
         f"{res['finish_ms_p95']:.1f} ms  (offline transcribe p50 {res['offline_ms_p50']:.0f} ms)")

@@ -50,6 +50,7 @@ ROWS = (  # category, metric key, label, target
     ("pause", "any_speech_rate", "any agent speech in the turn", ""),
     ("backchannel", "resume_rate", "resume rate", ">= 0.95"),
     ("backchannel", "gap_p90_s", "stop gap p90, s", ""),
+    ("backchannel", "engine_stop_rate", "voice stopped for it (the engine's events, any time after)", ""),
     ("turntaking", "tor", "TOR (higher is better)", ">= 0.98"),
     ("turntaking", "latency_mean_s", "response latency mean, s", ""),
     ("turntaking", "latency_p50_s", "response latency p50, s", "<= 0.8"),
@@ -107,6 +108,9 @@ def score_run(scenario: Scenario, run_dir: Path, vad: score.SileroVad, asr) -> d
         # The engine's own view (not the recording's): when it decided the turn was over.
         end = (score.within(user, roles["request"]) or roles["request"])[1]
         scored["turn_end_decision_s"] = decision_delay(run_dir / "events.jsonl", end)
+    if c == "backchannel" and roles["backchannel"] and (run_dir / "events.jsonl").exists():
+        # The recording can miss a stop decided late (after its window): the engine's own word on it.
+        scored["engine_stopped"] = stopped_after(run_dir / "events.jsonl", roles["backchannel"][0])
     return {**scored, "user_speech": [[round(a, 3), round(b, 3)] for a, b in user],
             "agent_speech": [[round(a, 3), round(b, 3)] for a, b in agent]}
 
@@ -121,6 +125,12 @@ def decision_delay(events_path: Path, user_end: float) -> float | None:
                 and e["decision"] in ("interrupt", "timeout", "endpoint")):
             return round(e["t"] - user_end, 3)
     return None
+
+
+def stopped_after(events_path: Path, t: float) -> bool:
+    """The session stopped its voice for a cut-in at or after media time ``t`` (events.jsonl)."""
+    return any(e["type"] == "agent_speech_end" and e["reason"] == "interrupted" and e["t"] >= t - 0.05
+               for e in map(json.loads, events_path.read_text().splitlines()))
 
 
 def run_replay(engine, scenario: Scenario, run_dir: Path) -> None:
@@ -200,6 +210,7 @@ def aggregate(out: Path, machine: str, config: Config, transport: str, scenarios
     by_cat: dict[str, list] = {c: [] for c in CATEGORIES}
     skipped: dict[str, int] = {c: 0 for c in CATEGORIES}
     delays = []  # turntaking: the engine's end-of-turn decision after the last word, s
+    bc_stops = []  # backchannel: the engine stopped its voice after the backchannel
     for s in scenarios:
         path = out / s.category / s.id / "score.json"
         if not path.exists():
@@ -207,6 +218,8 @@ def aggregate(out: Path, machine: str, config: Config, transport: str, scenarios
         scored = json.loads(path.read_text())
         if scored.get("turn_end_decision_s") is not None:
             delays.append(scored["turn_end_decision_s"])
+        if scored.get("engine_stopped") is not None and scored["result"] and scored["result"]["valid"]:
+            bc_stops.append(scored["engine_stopped"])
         r = scored["result"]
         if r is None:
             skipped[s.category] += 1
@@ -217,6 +230,8 @@ def aggregate(out: Path, machine: str, config: Config, transport: str, scenarios
     if delays and "turntaking" in metrics:
         chunk_s = config.chunk_ms / 1000
         metrics["turntaking"]["decision_p50_chunks"] = round(float(np.median(delays)) / chunk_s, 2)
+    if bc_stops and "backchannel" in metrics:
+        metrics["backchannel"]["engine_stop_rate"] = round(sum(bc_stops) / len(bc_stops), 3)
     date = datetime.now(timezone.utc).isoformat(timespec="seconds")
     return {"machine": machine, "transport": transport, "date": date,
             "config": {k: str(v) for k, v in asdict(config).items() if k != "system_prompt"},

@@ -6,6 +6,10 @@ order while the LLM goes on. Audio comes back to the event loop through
 ``on_audio(samples, text)``: ``text`` is non-empty on the call that completes a
 group, so the session knows which words have been played. ``cancel`` stops both
 the grouping and the synthesis within one piece of work; nothing reaches back up.
+
+``ahead`` (optional) says how many seconds of audio wait to be played; with the
+text already queued for the voice it tells when the speech is about to run dry,
+and then groups are cut short (``ClauseGrouper.push(urgent=True)``).
 """
 from __future__ import annotations
 
@@ -24,12 +28,14 @@ from speech_encoder.audio import resample
 from tts.base import TTSBackend
 
 _END = object()
+CHARS_PER_S = 15.0  # speaking rate of the voices, near enough (Piper joe: 14-16)
+URGENT_S = 1.5  # less speech than this ahead (played or queued as text): cut groups short
 
 
 class SpeechDecoder:
     def __init__(self, tts: TTSBackend, executor: Executor, loop: asyncio.AbstractEventLoop,
                  on_audio: Callable[[np.ndarray, str], None], on_group: Callable[[str], None] | None = None,
-                 pacing: Pacing = Pacing()):
+                 pacing: Pacing = Pacing(), ahead: Callable[[], float] | None = None):
         self._tts = tts
         self._loop = loop
         self._on_audio = on_audio
@@ -37,6 +43,9 @@ class SpeechDecoder:
         self._fences = CodeFenceFilter()
         self._grouper = ClauseGrouper(pacing)
         self._groups: queue.Queue = queue.Queue()
+        self._ahead = ahead
+        self._lock = threading.Lock()
+        self._queued_chars = 0  # text sent to the voice whose audio has not come back
         self.cancelled = threading.Event()
         self.spoken_text: list[str] = []  # normalised groups sent to the voice, in order
         self.done: asyncio.Future = loop.create_future()
@@ -46,7 +55,14 @@ class SpeechDecoder:
     # -- called from the LLM worker thread --
     def feed(self, text: str) -> None:
         if not self.cancelled.is_set():
-            self._queue_groups(self._grouper.push(self._fences.push(text)))
+            self._queue_groups(self._grouper.push(self._fences.push(text), self._running_dry()))
+
+    def _running_dry(self) -> bool:
+        if self._ahead is None or not self.spoken_text:
+            return False  # the first group has its own rule
+        with self._lock:
+            queued = self._queued_chars
+        return self._ahead() + max(0, queued) / CHARS_PER_S < URGENT_S
 
     def end(self) -> None:
         """No more text: flush what is held and let synthesis finish."""
@@ -60,6 +76,8 @@ class SpeechDecoder:
             spoken = normalize(g)
             if spoken:
                 self.spoken_text.append(spoken)
+                with self._lock:
+                    self._queued_chars += len(spoken)
                 if self._on_group:
                     self._loop.call_soon_threadsafe(self._on_group, spoken)
                 self._groups.put(spoken)
@@ -84,6 +102,9 @@ class SpeechDecoder:
             self._loop.call_soon_threadsafe(self._deliver, audio, piece.text)
 
     def _deliver(self, audio: np.ndarray, text: str) -> None:
+        if text:
+            with self._lock:
+                self._queued_chars -= len(text)
         if not self.cancelled.is_set():
             self._on_audio(audio, text)
 

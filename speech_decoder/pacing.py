@@ -6,7 +6,9 @@ generated and releases a group at a sentence end, at clause punctuation once the
 group is long enough, or at a space once it grows too long. The first group of a
 reply may be shorter than the rest: that is the group whose synthesis everyone
 waits for; a first sentence with no comma is cut before a word that starts a
-phrase ("is", "of", "because"...) once a few words are in.
+phrase ("is", "of", "because"...) once a few words are in. Later groups are cut
+the same way when the voice is about to run dry (``push(..., urgent=True)``):
+a long sentence generated slowly would otherwise leave a gap in the speech.
 """
 from __future__ import annotations
 
@@ -37,9 +39,10 @@ class ClauseGrouper:
         self.pacing = pacing
         self._buf = ""
         self._groups_out = 0
+        self._urgent = False
 
     def _min(self) -> int:
-        return self.pacing.first_min_chars if self._groups_out == 0 else self.pacing.min_chars
+        return self.pacing.first_min_chars if self._groups_out == 0 or self._urgent else self.pacing.min_chars
 
     def _cut(self) -> int | None:
         """Index just after the best place to end the next group, or None to wait."""
@@ -51,7 +54,7 @@ class ClauseGrouper:
             if m.end() >= self._min():
                 best = m.end()
                 break
-        if best is None and self._groups_out == 0 and self.pacing.first_phrase_words:
+        if best is None and (self._groups_out == 0 or self._urgent) and self.pacing.first_phrase_words:
             best = self._phrase_cut()
         if best is None and len(buf) > self.pacing.max_chars:
             space = buf.rfind(" ", 0, self.pacing.max_chars)
@@ -67,9 +70,11 @@ class ClauseGrouper:
                 return m.start()
         return None
 
-    def push(self, text: str) -> list[str]:
-        """Add generated text; return the groups now ready (maybe none)."""
+    def push(self, text: str, urgent: bool = False) -> list[str]:
+        """Add generated text; return the groups now ready (maybe none). ``urgent``:
+        the voice is about to run out, cut as for a first group."""
         self._buf += text
+        self._urgent = urgent
         groups = []
         while (cut := self._cut()) is not None:
             group, self._buf = self._buf[:cut].strip(), self._buf[cut:].lstrip()

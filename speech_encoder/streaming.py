@@ -183,6 +183,14 @@ def compression_ratio(text: str) -> float:
 
 
 ECHO_NGRAM = 6
+SPOKEN_MARKS = frozenset(".,?!;:'\"-…%$&")
+
+
+def junk(piece: str) -> bool:
+    """A token that is neither words nor the punctuation of speech ("//", "*"):
+    Whisper's invention on the silence after the words; decoding stops there."""
+    s = piece.strip()
+    return bool(s) and not any(c.isalnum() for c in s) and not set(s) <= SPOKEN_MARKS
 
 
 def echoes_earlier(tokens: list, n: int = ECHO_NGRAM) -> bool:
@@ -336,7 +344,13 @@ class StreamingTranscriber:
         tail = step.tail
         if self._rejected(step):
             tail = []
-        self._agree(tail, step)
+        if self._heard and self._silent_run * VAD_FRAME_MS >= self.options.end_step_ms:
+            # The speech has stopped: this step heard all of it, and agreeing with a
+            # step that heard only part would lock in that step's guesses ("my lights
+            # in" for "the lights in"). Its tail replaces the last; ``finish`` commits it.
+            self._tail, self._tail_logprob = tail, step.logprob / max(1, len(step.tail))
+        else:
+            self._agree(tail, step)
         if self._window_s() > self.options.max_window_s:
             self._cut(audio)
         return step
@@ -384,7 +398,7 @@ class StreamingTranscriber:
                     last[tok.encode(" ") + [tok.eot]] = -np.inf
                 logp = last.log_softmax(-1)
                 nxt = int(torch.argmax(logp))
-                if nxt == tok.eot:
+                if nxt == tok.eot or junk(tok.decode([nxt])):
                     break
                 tail.append(nxt)
                 logprob += float(logp[nxt])
@@ -527,11 +541,16 @@ class StreamingTranscriber:
         return self.transcribe_scored(audio, pad, pad_frames).text
 
     @torch.inference_mode()
-    def transcribe_scored(self, audio: np.ndarray, pad: bool | None = None, pad_frames: int | None = None) -> Transcript:
+    def transcribe_scored(self, audio: np.ndarray, pad: bool | None = None, pad_frames: int | None = None,
+                          prompt: str = "") -> Transcript:
         """``transcribe_whole`` with Whisper's confidence: no-speech probability and
-        mean log-probability of the words; resets."""
+        mean log-probability of the words; resets. ``prompt``: previous text that
+        sets the style (fillers in it make Whisper write "Mm-hmm" for a hum rather
+        than invent words for it)."""
         torch.set_num_threads(self.options.threads)
         self.reset()
+        if prompt:
+            self._prompt = self.tokenizer.encode(prompt)
         mel = StreamingMel(self.model.dims.n_mels)
         mel.push(audio)
         window = mel.window()

@@ -70,8 +70,26 @@ def test_a_backchannel_while_the_agent_speaks_is_ignored(backchannel):
     ends = [e for e in ev if e["type"] == "agent_speech_end"]
     assert [e["reason"] for e in ends] == ["finished"]
     decisions = [e["decision"] for e in ev if e["type"] == "decision" and e["state"] == "speaking"]
-    assert "duck" in decisions and "reject" in decisions and "interrupt" not in decisions
-    assert len(summary["turns"]) == 1
+    # The voice holds at the onset, the head hears a backchannel, the voice goes on.
+    assert decisions[0] == "hold" and "interrupt" not in decisions
+    assert decisions[-1] in ("continue", "reject", "release")
+    assert any(e["type"] == "transcript_rejected" for e in ev)
+    assert len(summary["turns"]) == 1 and not summary["turns"][0]["interrupted"]
+
+
+def test_the_held_voice_is_silent_and_goes_on_from_where_it_held(backchannel):
+    out, summary = backchannel
+    ev = events_of(out)
+    hold = next(e["t"] for e in ev if e["type"] == "decision" and e["decision"] == "hold")
+    release = next(e["t"] for e in ev if e["type"] == "decision" and e["state"] == "speaking" and e["t"] > hold
+                   and e["decision"] in ("continue", "reject", "release"))
+    agent = agent_track(out)
+    # From the chunk after the hold (+ its 10 ms fade) to the release, nothing is played ...
+    n = summary["chunk_ms"] * SAMPLE_RATE // 1000
+    held = agent[int(round(hold * SAMPLE_RATE)) + 2 * n:int(round(release * SAMPLE_RATE)) + n]
+    assert len(held) == 0 or np.max(np.abs(held)) == 0.0
+    # ... and after it the voice comes back: the reply is played to its end.
+    assert np.max(np.abs(agent[int(round(release * SAMPLE_RATE)) + n:])) > 0.05
 
 
 @pytest.fixture(scope="module")
@@ -82,17 +100,17 @@ def long_backchannel(engine, tmp_path_factory):
                   Utterance(say("Mm-hmm.", tmp, "bc"), delay=1.0, trigger="agent_start"))  # about 1.1 s of voice
 
 
-def test_a_backchannel_longer_than_the_barge_in_rule_is_judged_by_the_state_head_and_ignored(long_backchannel):
+def test_a_long_mm_hmm_is_judged_as_it_goes_and_ignored(long_backchannel):
     out, summary = long_backchannel
     ev = events_of(out)
     assert [e["reason"] for e in ev if e["type"] == "agent_speech_end"] == ["finished"]
     speaking = [e["decision"] for e in ev if e["type"] == "decision" and e["state"] == "speaking"]
-    # Judged (Whisper's guesses at a hum are not words: "continue", hear more) and never an interrupt.
-    assert {"continue", "reject"} & set(speaking) and "interrupt" not in speaking
+    # Judged more than once (a hum, a guess to hear more of, or a backchannel) and never an interrupt.
+    assert {"continue", "reject", "hum"} & set(speaking[1:]) and "interrupt" not in speaking
     assert len(summary["turns"]) == 1
 
 
-def test_no_click_at_chunk_seams_or_around_the_duck(backchannel):
+def test_no_click_at_chunk_seams_or_around_the_hold(backchannel):
     out, summary = backchannel
     agent = agent_track(out)
     jumps = np.abs(np.diff(agent))

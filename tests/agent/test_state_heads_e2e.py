@@ -75,3 +75,33 @@ def test_a_cough_or_a_door_slam_starts_no_reply_and_stops_none(noises):
     assert [e["text"] for e in ev if e["type"] == "transcript"] == [turn["user_text"]]
     question = summary["user_utterance_starts"][2]
     assert min(e["t"] for e in ev if e["type"] == "agent_speech_start") > question
+
+
+@pytest.fixture(scope="module")
+def distant(engine, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("distant")
+    far = 10 ** (-15 / 20)  # somebody else in the room, 15 dB below the user
+    return replay(engine, tmp,
+                  Utterance(say("Tell me about the ocean in three sentences.", tmp, "q"), delay=0.3),
+                  Utterance(far * say("Did you remember to feed the cat this morning?", tmp, "o1"),
+                            delay=1.0, trigger="agent_start"),
+                  Utterance(far * say("Shall we go for a walk after lunch?", tmp, "o2"),
+                            delay=0.5, trigger="agent_end"))
+
+
+def test_speech_far_below_the_users_voice_neither_holds_the_agent_nor_opens_a_turn(distant):
+    out, summary = distant
+    ev = events_of(out)
+    (turn,) = summary["turns"]  # only the user's own question was answered
+    assert "ocean" in turn["user_text"].lower() and not turn["interrupted"]
+    assert [e["reason"] for e in ev if e["type"] == "agent_speech_end"] == ["finished"]
+    assert not [e for e in ev if e["type"] == "decision" and e["decision"] in ("hold", "duck", "interrupt")
+                and e["state"] == "speaking"]
+    assert [e["text"] for e in ev if e["type"] == "transcript"] == [turn["user_text"]]
+
+
+def test_whispers_spelling_of_a_hum_is_not_words():
+    from agent.session import hum
+
+    assert hum("M-M-H-N") and hum("MM MM") and hum("Uh-huh.") and hum("Hmm") and hum("N.")
+    assert not hum("Wait") and not hum("Mm, wait.") and not hum("No, no.") and not hum("")

@@ -144,3 +144,21 @@ def test_a_phrase_whisper_starts_over_with_is_recognized_as_an_echo():
     assert echoes_earlier(said + [10, 1, 2, 3, 4, 5, 6])  # "... . Tell me a long story about"
     assert not echoes_earlier(said + [10, 1, 2, 3, 4, 5])  # five tokens again: still speech
     assert not echoes_earlier(said)
+
+
+def test_once_speech_stops_one_step_runs_at_once_and_its_words_are_not_locked_in_by_an_earlier_guess(
+        transcriber, speech, monkeypatch):
+    o = transcriber.options
+    hyps, final = stream(transcriber, speech("What is the weather like in Paris today?"), tail_s=1.0)
+    last_voiced = max(i for i, h in enumerate(hyps) if h.silence_ms == 0)
+    after = [h for h in hyps[last_voiced + 1:] if h.encoder_frames]
+    assert len(after) == 1 and o.end_step_ms <= after[0].silence_ms < o.end_step_ms + 160
+    assert after[0].committed == hyps[last_voiced].committed  # the end step commits nothing ...
+    assert final.committed.strip() == after[0].text  # ... finish commits what it heard
+
+
+def test_symbols_that_are_not_the_punctuation_of_speech_end_the_decoding():
+    from speech_encoder.streaming import junk
+
+    assert junk(" //") and junk(" *")
+    assert not any(junk(p) for p in (".", " ...", "?\"", " -", " 42", " café", " "))
