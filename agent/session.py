@@ -82,10 +82,11 @@ HUM_LETTERS = frozenset("mhnu")  # "mm", "hmm", "mhm", "uh-huh", "nn": voice wit
 def hum(text: str) -> bool:
     """Whisper's spelling of a hum, a backchannel sound or a noise: letters with no
     word among them ("M-M-H-N", "MM MM", "Uh-huh", "N."). The held voice goes
-    on; the cut-in is still judged if words follow ("Mm, wait...")."""
+    on; the cut-in is still judged if words follow ("Mm, wait..."). One letter
+    alone ("W-", "N.") is too little to tell a hum from the start of a word."""
     tokens = re.findall(r"\w+", text)
-    return bool(tokens) and all(t.isascii() and t.isalpha() and (len(t) == 1 or set(t.lower()) <= HUM_LETTERS)
-                                for t in tokens)
+    return sum(map(len, tokens)) >= 2 and all(
+        t.isascii() and t.isalpha() and (len(t) == 1 or set(t.lower()) <= HUM_LETTERS) for t in tokens)
 
 
 class State(enum.Enum):
@@ -526,7 +527,7 @@ class Session:
         ep = self._endpointer
         paused = not ep.in_speech or ep.silence_ms >= CUT_IN_PAUSE_MS
         if label == "hum" and ended is None and not paused:
-            self._release("hum", "")  # a hum so far: speak on, and keep listening to it
+            self._release("hum", "a hum: the voice goes on", text=text)  # and the cut-in is still judged
         elif label in ("reject", "hum") or ended is not None or paused:
             # Not for the agent, or over (or paused) without claiming the floor: go on.
             self._release(label, f"state head: {label} while the agent speaks", probs, text)

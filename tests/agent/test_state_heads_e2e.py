@@ -103,5 +103,6 @@ def test_speech_far_below_the_users_voice_neither_holds_the_agent_nor_opens_a_tu
 def test_whispers_spelling_of_a_hum_is_not_words():
     from agent.session import hum
 
-    assert hum("M-M-H-N") and hum("MM MM") and hum("Uh-huh.") and hum("Hmm") and hum("N.")
+    assert hum("M-M-H-N") and hum("MM MM") and hum("Uh-huh.") and hum("Hmm") and hum("M-m-")
     assert not hum("Wait") and not hum("Mm, wait.") and not hum("No, no.") and not hum("")
+    assert not hum("W-") and not hum("N.")  # one letter: perhaps the start of a word
