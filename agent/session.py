@@ -82,11 +82,14 @@ HUM_LETTERS = frozenset("mhnu")  # "mm", "hmm", "mhm", "uh-huh", "nn": voice wit
 def hum(text: str) -> bool:
     """Whisper's spelling of a hum, a backchannel sound or a noise: letters with no
     word among them ("M-M-H-N", "MM MM", "Uh-huh", "N."). The held voice goes
-    on; the cut-in is still judged if words follow ("Mm, wait..."). One letter
-    alone ("W-", "N.") is too little to tell a hum from the start of a word."""
+    on; the cut-in is still judged if words follow ("Mm, wait..."). Too few of
+    the letters of a hum ("W-s", "N.") may be the start of a word."""
     tokens = re.findall(r"\w+", text)
-    return sum(map(len, tokens)) >= 2 and all(
-        t.isascii() and t.isalpha() and (len(t) == 1 or set(t.lower()) <= HUM_LETTERS) for t in tokens)
+    if not all(t.isascii() and t.isalpha() and (len(t) == 1 or set(t.lower()) <= HUM_LETTERS) for t in tokens):
+        return False
+    letters = "".join(tokens).lower()
+    humming = sum(c in HUM_LETTERS for c in letters)
+    return humming >= 2 and 3 * humming >= 2 * len(letters)
 
 
 class State(enum.Enum):
@@ -395,8 +398,11 @@ class Session:
         if not self._yielded:
             self._yield_voice()  # it got loud enough to be the user
         held_ms = (self.now - self._hold_t) * 1000 if self._holding else 0.0
-        if held_ms >= self.config.hold_max_ms and ep.silence_ms == 0:
-            self._interrupt()  # talking on over a silent agent, never rejected: the floor is theirs
+        if ep.silence_ms == 0 and (held_ms >= self.config.hold_max_ms
+                                   or self._cut_in_words and voiced >= self.config.hold_max_ms):
+            # Talking on (over a held voice, or in words over a speaking one), never
+            # rejected: the floor is theirs.
+            self._interrupt()
             return
         if ep.silence_ms >= CUT_IN_PAUSE_MS:
             # A pause in the cut-in. No words in it so far (a cough, a hum): speak on at
@@ -471,8 +477,11 @@ class Session:
         cut_in = self._cut_in_id
         messages = [{"role": "system", "content": self.system_prompt}] + self.history
         timing = Timing(ep.silence_ms, ep.voiced_ms_in_turn, True)
+        # The agent's side: the groups played whole. The word being spoken changes
+        # every chunk, and with it the LLM's prompt from that point on.
+        heard = " ".join(reply.played_groups) if reply else ""
         job = self.engine.model_worker.run_urgent(self._judge_job, np.concatenate(self._utterance or []),
-                                                  messages, self.heard_text(reply) if reply else "", timing)
+                                                  messages, heard, timing)
         asyncio.wrap_future(job).add_done_callback(lambda f: self._on_verdict(cut_in, f, ep.voiced_ms_in_turn))
 
     def _judge_job(self, audio: np.ndarray, messages: list[dict], heard: str, timing) -> tuple[str, dict | None, str]:

@@ -79,7 +79,8 @@ def score_run(scenario: Scenario, run_dir: Path, vad: score.SileroVad, asr) -> d
     stereo, rate = read_wav(run_dir / "conversation.wav")
     assert rate == SAMPLE_RATE
     user, agent = vad.spans(stereo[:, 0]), vad.spans(stereo[:, 1])
-    starts = json.loads((run_dir / "summary.json").read_text())["user_utterance_starts"]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    starts = summary["user_utterance_starts"]
     spans = part_spans(scenario, starts)
     heard: dict[score.Span, str] = {}
 
@@ -107,10 +108,12 @@ def score_run(scenario: Scenario, run_dir: Path, vad: score.SileroVad, asr) -> d
     if c == "turntaking" and roles["request"] and (run_dir / "events.jsonl").exists():
         # The engine's own view (not the recording's): when it decided the turn was over.
         end = (score.within(user, roles["request"]) or roles["request"])[1]
-        scored["turn_end_decision_s"] = decision_delay(run_dir / "events.jsonl", end)
+        shift = media_offset(run_dir / "events.jsonl", user) if summary.get("transport") == "webrtc" else 0.0
+        scored["turn_end_decision_s"] = decision_delay(run_dir / "events.jsonl", end + shift)
     if c == "backchannel" and roles["backchannel"] and (run_dir / "events.jsonl").exists():
         # The recording can miss a stop decided late (after its window): the engine's own word on it.
-        scored["engine_stopped"] = stopped_after(run_dir / "events.jsonl", roles["backchannel"][0])
+        shift = media_offset(run_dir / "events.jsonl", user) if summary.get("transport") == "webrtc" else 0.0
+        scored["engine_stopped"] = stopped_after(run_dir / "events.jsonl", roles["backchannel"][0] + shift)
     return {**scored, "user_speech": [[round(a, 3), round(b, 3)] for a, b in user],
             "agent_speech": [[round(a, 3), round(b, 3)] for a, b in agent]}
 
@@ -125,6 +128,17 @@ def decision_delay(events_path: Path, user_end: float) -> float | None:
                 and e["decision"] in ("interrupt", "timeout", "endpoint")):
             return round(e["t"] - user_end, 3)
     return None
+
+
+def media_offset(events_path: Path, user: list[score.Span]) -> float:
+    """Server media time minus recording time, for a call: the caller's recording
+    starts with the agent's first frame to arrive (media time one chunk plus the
+    way over) and the server places the user's audio a jitter allowance late, so
+    the two clocks differ by a few tenths of a second. Estimated from the user's
+    first onset as both saw it (the session's VAD, silero on the recording)."""
+    onsets = [e["t"] for e in map(json.loads, events_path.read_text().splitlines())
+              if e["type"] == "user_speech_start"]
+    return round(onsets[0] - user[0][0], 3) if onsets and user else 0.0
 
 
 def stopped_after(events_path: Path, t: float) -> bool:

@@ -105,4 +105,5 @@ def test_whispers_spelling_of_a_hum_is_not_words():
 
     assert hum("M-M-H-N") and hum("MM MM") and hum("Uh-huh.") and hum("Hmm") and hum("M-m-")
     assert not hum("Wait") and not hum("Mm, wait.") and not hum("No, no.") and not hum("")
-    assert not hum("W-") and not hum("N.")  # one letter: perhaps the start of a word
+    assert hum("M-m-h-n-s")
+    assert not hum("W-") and not hum("N.") and not hum("W-s")  # perhaps the start of a word

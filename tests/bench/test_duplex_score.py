@@ -230,3 +230,20 @@ def test_each_category_summary_counts_what_the_targets_need():
     assert (i["n_valid"], i["tor"], i["stop_p90_s"], i["relevance_rate"]) == (1, 1.0, 0.2, 1.0)
     noise = [score.NoiseResult("during", False, False), score.NoiseResult("between", False, True)]
     assert score.summarize("noise", noise)["ok_rate"] == 0.5
+
+
+def test_a_calls_events_are_moved_onto_the_recordings_clock_by_the_first_onset(tmp_path):
+    import json
+
+    from bench.duplex import decision_delay, media_offset, stopped_after
+
+    events = tmp_path / "events.jsonl"
+    # The server saw the user start at media time 0.52 s; the recording has it at 0.30 s.
+    lines = [{"t": 0.52, "type": "user_speech_start"},
+             {"t": 2.60, "type": "decision", "decision": "interrupt", "state": "listening", "probs": None},
+             {"t": 5.00, "type": "agent_speech_end", "reason": "interrupted"}]
+    events.write_text("".join(json.dumps(e) + "\n" for e in lines))
+    shift = media_offset(events, [(0.30, 2.0)])
+    assert shift == pytest.approx(0.22)
+    assert decision_delay(events, 2.0 + shift) == pytest.approx(0.38)  # 2.60 - 2.22
+    assert stopped_after(events, 4.9 + shift) is False and stopped_after(events, 4.7 + shift) is True
