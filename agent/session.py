@@ -76,7 +76,10 @@ CUT_IN_MIN_LOGPROB = -1.5
 # on the bench's flite/espeak/piper backchannels and cut-ins, the words of the
 # cut-ins came out the same.
 CUT_IN_PROMPT = " Mm-hmm. Uh-huh. Hmm, okay."
-HUM_LETTERS = frozenset("mhnu")  # "mm", "hmm", "mhm", "uh-huh", "nn": voice without words
+HUM_LETTERS = frozenset("mhnu")
+# A reject on less voice than this while the user is still talking waits for more
+# (the first syllables of "Wait, stop" come out as "W-s", which the head rejects).
+REJECT_RELEASE_MS = 480  # "mm", "hmm", "mhm", "uh-huh", "nn": voice without words
 
 
 def hum(text: str) -> bool:
@@ -220,13 +223,14 @@ class Session:
         # Judging a cut-in with the state head (agent/heads.py), one at a time:
         self._cut_in_id = 0  # counts user onsets, so a late verdict on an old cut-in is ignored
         self._judging = False
-        self._judged_reject = False  # the head called the current cut-in not meant for the agent
+        self._judged_reject = False  # the head's latest verdict on the current cut-in: not for the agent
         self._judge_after_ms = 0  # voiced ms before the next judgment of the same cut-in
         self._judged_voiced_ms = 0  # voiced ms of the cut-in when it was last judged
         self._yielded = False  # the voice has held (or ducked) for the current cut-in
         self._cut_in_words = False  # the head has judged words of it (not Whisper's guesses)
         self._ended_cut_in: tuple[np.ndarray, float] | None = None  # a cut-in that ended while judged
         self._listen_cache = PrefixCache()  # the heads' own KV cache: the reply's may be generating
+        self._warming = False  # a warm-up of that cache is queued (see _warm_judge)
         self._transcriber = None  # a StreamingTranscriber, made in the model thread when first needed
         self._decisions: list[str] = []
         self.state = State.LISTENING
@@ -389,17 +393,15 @@ class Session:
             if voiced >= self.config.barge_in_ms:
                 self._interrupt()
             return
-        if self._judged_reject:
-            return
         if self._distant():
             if self._holding or self._gain_target != 1.0:
                 self._release("reject", "quieter than the user's voice: not addressed to the agent")
             return
-        if not self._yielded:
+        if not (self._yielded or self._judged_reject):
             self._yield_voice()  # it got loud enough to be the user
         held_ms = (self.now - self._hold_t) * 1000 if self._holding else 0.0
-        if ep.silence_ms == 0 and (held_ms >= self.config.hold_max_ms
-                                   or self._cut_in_words and voiced >= self.config.hold_max_ms):
+        if ep.silence_ms == 0 and not self._judged_reject and (
+                held_ms >= self.config.hold_max_ms or self._cut_in_words and voiced >= self.config.hold_max_ms):
             # Talking on (over a held voice, or in words over a speaking one), never
             # rejected: the floor is theirs.
             self._interrupt()
@@ -467,6 +469,30 @@ class Session:
         if len(db) >= 5:
             self._voice_levels.append(float(np.percentile(db, 90)))
 
+    def _warm_judge(self, reply: Reply) -> None:
+        """Put the cut-in judge's prompt up to the user's words into its cache while
+        the agent speaks (in the model thread's fast lane: between two tokens of
+        the reply, which is generated faster than it is spoken), so that a
+        judgment of a cut-in computes only its words. Called as
+        each group has played; one warm-up waits at a time, and reads the groups
+        played when it runs."""
+        if self.engine.head is None or self._warming:
+            return
+        from agent.heads import chunk_hidden
+
+        def warm() -> None:
+            self._warming = False
+            if reply is self._reply and not reply.cancel.is_set():
+                # Before the first group has played, the one playing stands in for it.
+                said = reply.played_groups or (reply.decoder.spoken_text[:1] if reply.decoder else [])
+                chunk_hidden(self.engine.llm, self._listen_cache, messages, "", " ".join(said) or None)
+
+        messages = [{"role": "system", "content": self.system_prompt}] + self.history
+        self._warming = True
+        job = asyncio.wrap_future(self.engine.model_worker.run_urgent(warm))
+        self._tasks.add(job)
+        job.add_done_callback(self._tasks.discard)
+
     def _judge_cut_in(self) -> None:
         """Ask the state head whether the user's speech over the agent is meant to
         take the floor (interrupt), is a backchannel or side talk (reject), or is
@@ -529,14 +555,16 @@ class Session:
                     self._held = []
             return
         self._cut_in_words = self._cut_in_words or probs is not None
-        if label == "reject":
-            self._judged_reject = True
-        else:
-            self._judge_after_ms = voiced_ms + self.config.chunk_ms  # too early: look again later
+        # Judged again as it grows, whatever the verdict: a reject on its first
+        # syllables ("W-s") must not decide what the whole cut-in was.
+        self._judged_reject = label == "reject"
+        self._judge_after_ms = voiced_ms + self.config.chunk_ms
         ep = self._endpointer
         paused = not ep.in_speech or ep.silence_ms >= CUT_IN_PAUSE_MS
         if label == "hum" and ended is None and not paused:
             self._release("hum", "a hum: the voice goes on", text=text)  # and the cut-in is still judged
+        elif label == "reject" and ended is None and not paused and voiced_ms < REJECT_RELEASE_MS:
+            self._decide_as(label, probs)  # a syllable or two: too little to give the floor back on
         elif label in ("reject", "hum") or ended is not None or paused:
             # Not for the agent, or over (or paused) without claiming the floor: go on.
             self._release(label, f"state head: {label} while the agent speaks", probs, text)
@@ -771,6 +799,7 @@ class Session:
         if groups:
             reply.played_groups.extend(groups)
             reply.played_in_group = tail
+            self._warm_judge(reply)
         else:
             reply.played_in_group += real
         if real:
@@ -778,6 +807,7 @@ class Session:
                 reply.agent_start = self.now
                 self._set_state(State.SPEAKING)
                 self.emit(AgentSpeechStart(self.now))
+                self._warm_judge(reply)
             self._agent_audio_end = self.now + real / SAMPLE_RATE
         if reply.agent_start is not None and real < n and not reply.synth_done:
             reply.underruns += 1  # the voice fell behind mid-reply: a gap the user hears
