@@ -322,11 +322,10 @@ class Session:
             self._levels.clear()
             for f in self._utterance:
                 self._add_level(f)
-            if self.state is State.SPEAKING:
-                if not self._distant():
-                    self._yield_voice()
-            elif self._reply is not None and not self._distant():
-                # The user was not done: drop the reply and keep listening to the whole turn.
+            # While speaking, the voice holds at the end of this chunk (_cut_in_step),
+            # unless it is somebody else. Before the reply plays, the user was not
+            # done: drop it and keep listening to the whole turn.
+            if self.state is not State.SPEAKING and self._reply is not None and not self._distant():
                 self._drop_reply(rejoin=True)
             return
         self.emit(UserSpeechEnd(ev.t))
@@ -454,8 +453,9 @@ class Session:
 
         Levels are the 90th percentile of 20 ms frame levels (the loud part of
         the speech, not its gaps); the user's voice is the median over the last
-        turns answered. No turn answered yet: nobody is known to be distant."""
-        if not self.config.distant_db or not self._voice_levels or len(self._levels) < 5:
+        turns answered. No turn answered yet, or under 200 ms of voice to go by (a
+        soft first syllable is not a quiet speaker): nobody is distant."""
+        if not self.config.distant_db or not self._voice_levels or len(self._levels) < 10:
             return False
         level = float(np.percentile(self._levels, 90))
         return level < float(np.median(self._voice_levels)) - self.config.distant_db
