@@ -76,10 +76,17 @@ CUT_IN_MIN_LOGPROB = -1.5
 # on the bench's flite/espeak/piper backchannels and cut-ins, the words of the
 # cut-ins came out the same.
 CUT_IN_PROMPT = " Mm-hmm. Uh-huh. Hmm, okay."
-HUM_LETTERS = frozenset("mhnu")
+HUM_LETTERS = frozenset("mhnu")  # "mm", "hmm", "mhm", "uh-huh", "nn": voice without words
 # A reject on less voice than this while the user is still talking waits for more
 # (the first syllables of "Wait, stop" come out as "W-s", which the head rejects).
-REJECT_RELEASE_MS = 480  # "mm", "hmm", "mhm", "uh-huh", "nn": voice without words
+REJECT_RELEASE_MS = 480
+
+
+def frame_levels_db(audio: np.ndarray) -> np.ndarray:
+    """Levels (dB) of the 20 ms frames of ``audio`` that are above the floor."""
+    n = len(audio) // FRAME_SAMPLES
+    db = 10 * np.log10(np.mean(np.square(audio[:n * FRAME_SAMPLES].reshape(n, -1)), axis=1) + 1e-12)
+    return db[db > LEVEL_FLOOR_DB]
 
 
 def hum(text: str) -> bool:
@@ -335,7 +342,7 @@ class Session:
             return
         if self.state is State.SPEAKING:
             # Too short to be a barge-in, or judged not meant for the agent: it goes on.
-            if self._holding or self._gain_target != 1.0:
+            if self._yielding:
                 self._release("reject", "short speech while the agent speaks")
             return
         if self.config.streaming:
@@ -393,7 +400,7 @@ class Session:
                 self._interrupt()
             return
         if self._distant():
-            if self._holding or self._gain_target != 1.0:
+            if self._yielding:
                 self._release("reject", "quieter than the user's voice: not addressed to the agent")
             return
         if not (self._yielded or self._judged_reject):
@@ -422,6 +429,11 @@ class Session:
         if voiced >= max(self.config.cut_in_judge_ms, self._judge_after_ms):
             self._judge_cut_in()
 
+    @property
+    def _yielding(self) -> bool:
+        """The voice is held or ducked for a cut-in."""
+        return self._holding or self._gain_target != 1.0
+
     def _yield_voice(self) -> None:
         """The user may be cutting in: hold the voice (or duck it) until it is judged."""
         self._yielded = True
@@ -444,9 +456,7 @@ class Session:
             self.emit(TranscriptRejected(self.now, text, why))
 
     def _add_level(self, frame: np.ndarray) -> None:
-        db = 10 * np.log10(float(np.mean(np.square(frame))) + 1e-12)
-        if db > LEVEL_FLOOR_DB:
-            self._levels.append(db)
+        self._levels.extend(frame_levels_db(frame))
 
     def _distant(self) -> bool:
         """The current activation is well below the user's voice: somebody else.
@@ -461,11 +471,7 @@ class Session:
         return level < float(np.median(self._voice_levels)) - self.config.distant_db
 
     def _note_voice_level(self, audio: np.ndarray) -> None:
-        n = len(audio) // FRAME_SAMPLES
-        if n == 0:
-            return
-        db = 10 * np.log10(np.mean(np.square(audio[:n * FRAME_SAMPLES].reshape(n, -1)), axis=1) + 1e-12)
-        db = db[db > LEVEL_FLOOR_DB]
+        db = frame_levels_db(audio)
         if len(db) >= 5:
             self._voice_levels.append(float(np.percentile(db, 90)))
 
