@@ -108,7 +108,7 @@ class Engine:
         names = models.names_for(config.asr_model, config.llm, config.tts)
         paths = {n: get(config.cache_dir, n) for n in names}
         t1 = time.monotonic()
-        asr = WhisperASR(paths[names[0]] / "model.pt", config.language, config.torch_threads)
+        asr = WhisperASR(paths[names[0]] / "model.pt", config.language, config.torch_threads, int8=config.asr_int8)
         t2 = time.monotonic()
         llm = ChatLLM(paths[names[1]], config.torch_threads, config.llm_dtype)
         t3 = time.monotonic()

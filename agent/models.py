@@ -27,6 +27,27 @@ MANIFEST = "manifest.json"
 FIX = "run `python run_agent.py models` (or `make run`) to rebuild the model cache"
 
 
+def int8_linear(weight, bias=None):
+    """A dynamically quantized linear layer (int8 weights per output channel,
+    activations quantized on the fly) with this float ``weight`` [out, in] and
+    ``bias``: the load-time conversion Whisper's and the LLM's fast paths share."""
+    import warnings
+
+    import torch
+    import torch.ao.nn.quantized.dynamic as nnqd
+
+    lin = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    with torch.no_grad():
+        lin.weight.copy_(weight.float())
+        if bias is not None:
+            lin.bias.copy_(bias.float())
+    lin.qconfig = torch.ao.quantization.per_channel_dynamic_qconfig
+    with warnings.catch_warnings():
+        # torch 2.13 marks quantized tensors deprecated; duplex pins that torch.
+        warnings.filterwarnings("ignore", message=".*quantize_per_(tensor|channel).*")
+        return nnqd.Linear.from_float(lin)
+
+
 class ModelError(RuntimeError):
     """A model is missing, corrupt or not provisioned; the message names the fix."""
 

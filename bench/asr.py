@@ -132,9 +132,26 @@ def prefill_costs(llm, system_prompt: str, hyps, final_text: str) -> dict:
             "update_ms": [p.ms for p in during if p.tokens]}
 
 
+def chunk_buckets(rows: list[dict], sfx: str = "") -> dict:
+    """Per-chunk compute p50/p95 (wall and CPU time) by utterance length."""
+    out = {}
+    for lo, hi in BUCKETS:
+        sub = [r for r in rows if lo <= r["seconds"] < hi]
+        if not sub:
+            continue
+        all_ms = [m for r in sub for m in r["chunk_ms" + sfx]]
+        cpu = [m for r in sub for m in r["chunk_cpu_ms" + sfx]]
+        out[f"{lo}-{hi if hi < 1e9 else 'inf'} s"] = {
+            "utterances": len(sub), "chunks": len(all_ms), "p50": pct(all_ms, 50), "p95": pct(all_ms, 95),
+            "cpu_p50": pct(cpu, 50), "cpu_p95": pct(cpu, 95)}
+    return out
+
+
 def run(config: Config, out_path: Path | None = None, limit: int | None = None,
-        adapter_limit: int = 40, nopad_limit: int = 30, verbose: bool = True) -> dict:
-    """The whole benchmark; returns (and with ``out_path`` writes as JSON) its figures."""
+        adapter_limit: int = 40, nopad_limit: int = 30, verbose: bool = True, compare_int8: bool = False) -> dict:
+    """The whole benchmark; returns (and with ``out_path`` writes as JSON) its figures.
+    ``compare_int8``: stream every utterance with the float32 and the int8 model
+    (speech_encoder.asr.quantize_int8), side by side."""
     import torch
 
     from agent import models
@@ -145,8 +162,14 @@ def run(config: Config, out_path: Path | None = None, limit: int | None = None,
     say = print if verbose else (lambda *a, **k: None)
     say(f"machine: {machine()}")
     path = models.ensure(config.cache_dir, f"whisper-{config.asr_model}")
+    # Offline Whisper is openai-whisper's float32 model whatever the streaming path runs.
     asr = WhisperASR(path / "model.pt", config.language, threads=1)
     st = StreamingTranscriber.from_asr(asr, StreamingOptions(), model_name=config.asr_model)
+    streams = {} if config.asr_int8 and not compare_int8 else {"": st}  # suffix of the figures -> transcriber
+    if config.asr_int8 or compare_int8:
+        asr8 = WhisperASR(path / "model.pt", config.language, threads=1, int8=True)
+        streams["_int8" if compare_int8 else ""] = StreamingTranscriber.from_asr(asr8, StreamingOptions(),
+                                                                                 model_name=config.asr_model)
     t0 = time.monotonic()
     utts = asr_test_set(config.cache_dir, limit)
     say(f"{len(utts)} utterances synthesized in {time.monotonic() - t0:.0f} s "
@@ -165,35 +188,44 @@ def run(config: Config, out_path: Path | None = None, limit: int | None = None,
         padded = st.transcribe_whole(u.audio, pad=True)
         # No padding at all loops (measured 93% WER), slowly: only on the first utterances.
         unpadded = st.transcribe_whole(u.audio, pad_frames=0) if n < nopad_limit else None
-        hyps, final, finish_ms = stream_utterance(st, u.audio, chunk, tail_s)
-        # The session learns the words when the first step after the speech stopped
-        # returns: the silence heard by then plus that step's compute.
-        end_to_final = end_to_final_ms(hyps, tail_s * 1000 + finish_ms)
-        rows.append({"id": u.id, "voice": u.voice, "seconds": u.seconds, "ref": u.text,
-                     "offline": offline, "offline_ms": offline_ms, "window": window, "padded": padded,
-                     "unpadded": unpadded, "chunk_cpu_ms": [h.cpu_ms for h in hyps],
-                     "streaming": final.committed, "finish_ms": finish_ms, "end_to_final_ms": end_to_final,
-                     "chunk_ms": [h.compute_ms for h in hyps], "steps": sum(h.encoder_frames > 0 for h in hyps),
-                     "max_encoder_frames": max([h.encoder_frames for h in hyps] + [0]),
-                     "committed_changes": sum(1 for a, b in zip(hyps, hyps[1:]) if a.committed != b.committed),
-                     "_hyps": hyps})
+        row = {"id": u.id, "voice": u.voice, "seconds": u.seconds, "ref": u.text,
+               "offline": offline, "offline_ms": offline_ms, "window": window, "padded": padded,
+               "unpadded": unpadded}
+        for sfx, stream in streams.items():
+            hyps, final, finish_ms = stream_utterance(stream, u.audio, chunk, tail_s)
+            # The session learns the words when the first step after the speech stopped
+            # returns: the silence heard by then plus that step's compute.
+            row.update({"streaming" + sfx: final.committed, "finish_ms" + sfx: finish_ms,
+                        "end_to_final_ms" + sfx: end_to_final_ms(hyps, tail_s * 1000 + finish_ms),
+                        "chunk_ms" + sfx: [h.compute_ms for h in hyps], "chunk_cpu_ms" + sfx: [h.cpu_ms for h in hyps],
+                        "steps" + sfx: sum(h.encoder_frames > 0 for h in hyps),
+                        "max_encoder_frames" + sfx: max([h.encoder_frames for h in hyps] + [0]),
+                        "committed_changes" + sfx: sum(1 for a, b in zip(hyps, hyps[1:]) if a.committed != b.committed),
+                        "_hyps" + sfx: hyps})
+        rows.append(row)
         if verbose and (n % 10 == 0 or n == len(utts) - 1):
             say(f"  [{n + 1}/{len(utts)}] {u.voice:12} {u.seconds:4.1f} s  ref: {u.text[:60]}\n"
-                f"      offline: {offline[:60]}\n      stream:  {final.committed[:60]}")
+                f"      offline: {offline[:60]}\n      stream:  {row['streaming'][:60]}")
 
     refs = [r["ref"] for r in rows]
     lang = config.language if config.language not in ("auto", "") else "en"
+    kinds = ("offline", "padded", "window") + tuple("streaming" + sfx for sfx in streams)
     result = {"machine": machine(), "utterances": len(rows), "chunk_ms": config.chunk_ms,
-              "asr_model": config.asr_model,
-              "wer": {k: wer(refs, [r[k] for r in rows], lang) for k in ("offline", "padded", "window", "streaming")},
-              "wer_by_voice": {}, "per_chunk_ms": {}, "finish_ms_p50": pct([r["finish_ms"] for r in rows], 50),
-              "finish_ms_p95": pct([r["finish_ms"] for r in rows], 95),
-              "end_to_final_ms_p50": pct([r["end_to_final_ms"] for r in rows], 50),
-              "end_to_final_ms_p90": pct([r["end_to_final_ms"] for r in rows], 90),
-              "offline_ms_p50": pct([r["offline_ms"] for r in rows], 50),
-              "max_encoder_frames": max(r["max_encoder_frames"] for r in rows),
-              "steps_per_s": sum(r["steps"] for r in rows) / sum(len(r["chunk_ms"]) * config.chunk_ms / 1000 for r in rows),
-              "rtf": sum(sum(r["chunk_ms"]) for r in rows) / sum(len(r["chunk_ms"]) * config.chunk_ms for r in rows)}
+              "asr_model": config.asr_model, "streaming_int8": bool(config.asr_int8 and not compare_int8),
+              "wer": {k: wer(refs, [r[k] for r in rows], lang) for k in kinds},
+              "wer_by_voice": {}, "offline_ms_p50": pct([r["offline_ms"] for r in rows], 50)}
+    for sfx in streams:
+        result.update({
+            "per_chunk_ms" + sfx: chunk_buckets(rows, sfx),
+            "finish_ms_p50" + sfx: pct([r["finish_ms" + sfx] for r in rows], 50),
+            "finish_ms_p95" + sfx: pct([r["finish_ms" + sfx] for r in rows], 95),
+            "end_to_final_ms_p50" + sfx: pct([r["end_to_final_ms" + sfx] for r in rows], 50),
+            "end_to_final_ms_p90" + sfx: pct([r["end_to_final_ms" + sfx] for r in rows], 90),
+            "max_encoder_frames" + sfx: max(r["max_encoder_frames" + sfx] for r in rows),
+            "steps_per_s" + sfx: sum(r["steps" + sfx] for r in rows)
+            / sum(len(r["chunk_ms" + sfx]) * config.chunk_ms / 1000 for r in rows),
+            "rtf" + sfx: sum(sum(r["chunk_ms" + sfx]) for r in rows)
+            / sum(len(r["chunk_ms" + sfx]) * config.chunk_ms for r in rows)})
     sub = [r for r in rows if r["unpadded"] is not None]
     result["wer_unpadded"] = {"utterances": len(sub), "unpadded": wer([r["ref"] for r in sub], [r["unpadded"] for r in sub], lang),
                               "window": wer([r["ref"] for r in sub], [r["window"] for r in sub], lang),
@@ -201,16 +233,7 @@ def run(config: Config, out_path: Path | None = None, limit: int | None = None,
     for voice in sorted({r["voice"] for r in rows}):
         sub = [r for r in rows if r["voice"] == voice]
         result["wer_by_voice"][voice] = {k: wer([r["ref"] for r in sub], [r[k] for r in sub], lang)
-                                         for k in ("offline", "streaming")}
-    for lo, hi in BUCKETS:
-        sub = [r for r in rows if lo <= r["seconds"] < hi]
-        if not sub:
-            continue
-        all_ms = [m for r in sub for m in r["chunk_ms"]]
-        cpu = [m for r in sub for m in r["chunk_cpu_ms"]]
-        result["per_chunk_ms"][f"{lo}-{hi if hi < 1e9 else 'inf'} s"] = {
-            "utterances": len(sub), "chunks": len(all_ms), "p50": pct(all_ms, 50), "p95": pct(all_ms, 95),
-            "cpu_p50": pct(cpu, 50), "cpu_p95": pct(cpu, 95)}
+                                         for k in ("offline",) + tuple("streaming" + sfx for sfx in streams)}
 
     if adapter_limit and config.llm:
         from agent.llm import ChatLLM
@@ -233,7 +256,8 @@ def run(config: Config, out_path: Path | None = None, limit: int | None = None,
             "during_tokens_mean": statistics.fmean([c["during_tokens"] for c in costs]) if costs else 0.0,
         }
     for r in rows:
-        del r["_hyps"]
+        for sfx in streams:
+            del r["_hyps" + sfx]
     result["rows"] = rows
     report(result, say)
     if out_path:
@@ -251,20 +275,25 @@ def report(res: dict, say=print) -> None:
     u = res["wer_unpadded"]
     say(f"     first {u['utterances']} utterances: window without pad {u['unpadded']:.1%}, "
         f"with 1 s pad {u['window']:.1%}, padded to 30 s {u['padded']:.1%}")
-    say(f"     streaming:                                   {w['streaming']:.1%}"
-        f"  ({w['streaming'] / max(w['offline'], 1e-9):.2f}x offline)")
+    sfxs = [k[len("streaming"):] for k in w if k.startswith("streaming")]
+    for sfx in sfxs:
+        name = "streaming, int8 model" if sfx or res.get("streaming_int8") else "streaming"
+        say(f"     {name + ':':45}{w['streaming' + sfx]:.1%}"
+            f"  ({w['streaming' + sfx] / max(w['offline'], 1e-9):.2f}x offline)")
     for voice, v in res["wer_by_voice"].items():
-        say(f"     {voice:14} offline {v['offline']:.1%}  streaming {v['streaming']:.1%}")
-    say(f"per-chunk compute (half a chunk = {res['chunk_ms'] / 2:.0f} ms):")
-    for bucket, b in res["per_chunk_ms"].items():
-        say(f"     {bucket:9} {b['utterances']:3} utt {b['chunks']:5} chunks  wall p50 {b['p50']:6.1f} p95 {b['p95']:6.1f} ms"
-            f"  cpu p50 {b['cpu_p50']:6.1f} p95 {b['cpu_p95']:6.1f} ms")
-    say(f"     steps per second of audio {res['steps_per_s']:.1f}; compute / audio time {res['rtf']:.2f}")
-    say(f"end of speech -> final words known (silence heard + the end step): p50 {res['end_to_final_ms_p50']:.0f} ms, "
-        f"p90 {res['end_to_final_ms_p90']:.0f} ms")
-    say(f"finish() once the endpointer's silence was pushed: p50 {res['finish_ms_p50']:.1f} ms, p95 "
-        f"{res['finish_ms_p95']:.1f} ms  (offline transcribe p50 {res['offline_ms_p50']:.0f} ms)")
-    say(f"most encoder positions in one step: {res['max_encoder_frames']}")
+        say(f"     {voice:14} offline {v['offline']:.1%}  "
+            + "  ".join(f"streaming{sfx} {v['streaming' + sfx]:.1%}" for sfx in sfxs))
+    for sfx in sfxs:
+        say(f"streaming{sfx}: per-chunk compute (half a chunk = {res['chunk_ms'] / 2:.0f} ms):")
+        for bucket, b in res["per_chunk_ms" + sfx].items():
+            say(f"     {bucket:9} {b['utterances']:3} utt {b['chunks']:5} chunks  wall p50 {b['p50']:6.1f} p95 {b['p95']:6.1f} ms"
+                f"  cpu p50 {b['cpu_p50']:6.1f} p95 {b['cpu_p95']:6.1f} ms")
+        say(f"     steps per second of audio {res['steps_per_s' + sfx]:.1f}; compute / audio time {res['rtf' + sfx]:.2f}")
+        say(f"     end of speech -> final words known (silence heard + the end step): p50 "
+            f"{res['end_to_final_ms_p50' + sfx]:.0f} ms, p90 {res['end_to_final_ms_p90' + sfx]:.0f} ms")
+        say(f"     finish() once the endpointer's silence was pushed: p50 {res['finish_ms_p50' + sfx]:.1f} ms, p95 "
+            f"{res['finish_ms_p95' + sfx]:.1f} ms  (offline transcribe p50 {res['offline_ms_p50']:.0f} ms)")
+        say(f"     most encoder positions in one step: {res['max_encoder_frames' + sfx]}")
     p = res.get("prefill")
     if p:
         say(f"prefill left at end of turn ({p['llm']}, {p['utterances']} utterances):")
@@ -279,9 +308,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=None, help="only the first N utterances")
     parser.add_argument("--adapter-limit", type=int, default=40, help="utterances for the prefill measurement (0: skip)")
     parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
+    parser.add_argument("--compare-int8", action="store_true",
+                        help="stream each utterance with the float32 and the int8 Whisper, side by side")
 
 
 def main(args: argparse.Namespace, config: Config, machine_name: str) -> int:
     """``run_agent.py bench asr`` (the engine flags are added by run_agent.py)."""
-    run(config, args.out, args.limit, args.adapter_limit)
+    run(config, args.out, args.limit, args.adapter_limit, compare_int8=args.compare_int8)
     return 0

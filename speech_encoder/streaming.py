@@ -13,7 +13,9 @@ when there is new speech, takes one *step*:
    measures the WER of each against the padded encoder.
 2. Decoder: the committed text of the window is forced as a prefix (one batched
    forward), text committed before the window goes in as the previous-text
-   prompt, and only the tail is decoded greedily (a few tokens per step).
+   prompt, and only the tail is decoded greedily (a few tokens per step). The
+   last step's tail rides along in that batch as a draft: as far as greedy
+   decoding agrees with it, its tokens cost no forward of their own.
 3. Commit policy, local agreement: the longest common prefix of the tails of two
    consecutive steps is committed, whole words only and never the last word of
    a tail (a later chunk could still extend it). Since committed tokens are
@@ -148,6 +150,35 @@ def encode(model, mel: torch.Tensor, pad_frames: int = 0) -> torch.Tensor:
     for block in enc.blocks:
         x = block(x)
     return enc.ln_post(x)
+
+
+def decoder_logits(model, tokens: list[int], audio: torch.Tensor, kv_cache: dict | None = None,
+                   rows: tuple[int, ...] = (-1,)) -> torch.Tensor:
+    """Whisper's text decoder on ``tokens``, with the vocabulary projection only for
+    ``rows`` (float32 [len(rows), n_vocab]). openai-whisper's forward projects every
+    position: on a 60-token prefix that is 60 x 384 x 51864 multiply-adds, most of a
+    streaming step's time, for logits nobody reads. ``rows=()`` projects none."""
+    dec = model.decoder
+    offset = next(iter(kv_cache.values())).shape[1] if kv_cache else 0
+    x = dec.token_embedding(torch.tensor([tokens])) + dec.positional_embedding[offset:offset + len(tokens)]
+    x = x.to(audio.dtype)
+    for block in dec.blocks:
+        x = block(x, audio, mask=dec.mask, kv_cache=kv_cache)
+    if not rows:
+        return x.new_zeros(0, dec.token_embedding.weight.shape[0]).float()
+    x = dec.ln(x[0, list(rows)])
+    if getattr(dec, "int8_logits", None) is not None:  # speech_encoder.asr.quantize_int8
+        return dec.int8_logits(x).float()
+    return (x @ dec.token_embedding.weight.to(x.dtype).T).float()
+
+
+def _truncate_self_attention(model, kv_cache: dict, length: int) -> None:
+    """Keep the first ``length`` positions of the decoder's self-attention cache
+    (the cross-attention's keys and values, of the audio, stay as they are)."""
+    for block in model.decoder.blocks:
+        for proj in (block.attn.key, block.attn.value):
+            if proj in kv_cache:
+                kv_cache[proj] = kv_cache[proj][:, :length]
 
 
 @lru_cache(maxsize=None)
@@ -339,7 +370,7 @@ class StreamingTranscriber:
             self.language = self._detect_language(mel)
         # The tail covers the audio after the committed words: a step adds a few
         # tokens to the last one; a longer tail is Whisper looping at the cut-off end.
-        step = self._decode(audio, len(self._tail) + 6 + int(8 * self._since_step))
+        step = self._decode(audio, len(self._tail) + 6 + int(8 * self._since_step), draft=self._tail)
         self._last_nsp = step.no_speech_prob
         tail = step.tail
         if self._rejected(step):
@@ -366,7 +397,7 @@ class StreamingTranscriber:
         # once per session: the language is kept across utterances.
         audio = encode(self.model, mel, 3000 - mel.shape[1])
         tok = _tokenizer(True, self.model.num_languages, None)
-        logits = self.model.decoder(torch.tensor([[tok.sot]]), audio)[0, -1]
+        logits = decoder_logits(self.model, [tok.sot], audio)[0]
         langs = torch.tensor(tok.all_language_tokens)
         return tok.all_language_codes[int(torch.argmax(logits[langs]))]
 
@@ -378,21 +409,31 @@ class StreamingTranscriber:
         head = [tok.sot_prev] + prompt if prompt else []
         return head + list(tok.sot_sequence_including_notimestamps) + self._committed, len(head)
 
-    def _decode(self, audio: torch.Tensor, max_new: int) -> Step:
-        """Greedy decoding of the tail after the forced committed prefix (kv-cached)."""
+    def _decode(self, audio: torch.Tensor, max_new: int, draft: list[int] = ()) -> Step:
+        """Greedy decoding of the tail after the forced committed prefix (kv-cached).
+
+        ``draft``: the last step's tail, a guess at this one. It goes through the
+        decoder with the prefix in one batch and is kept as far as each of its
+        tokens is what greedy decoding picks at that place; from the first token
+        that differs the decoding goes on one token at a time. The result is the
+        greedy tail either way; a tail that mostly repeats the last step's costs one
+        forward instead of one per token."""
         tok, model = self.tokenizer, self.model
         prefix, sot_index = self._prefix()
         suppress = torch.zeros(model.dims.n_vocab, dtype=torch.bool)
         suppress[tok.eot + 1:] = True  # special and timestamp tokens
         suppress[list(tok.non_speech_tokens)] = True
         max_new = min(model.dims.n_text_ctx // 2, max_new)
+        draft = list(draft)[:max_new]
+        n = len(prefix)
         cache, hooks = model.install_kv_cache_hooks()
         tail, logprob = [], 0.0
         try:
-            logits = model.decoder(torch.tensor([prefix]), audio, kv_cache=cache)[0]
-            nsp = float(logits[sot_index].float().softmax(-1)[tok.no_speech])
-            last = logits[-1].float()
-            for _ in range(max_new):
+            # Row n - 1 + i predicts tail token i (while the tail follows the draft).
+            logits = decoder_logits(model, prefix + draft, audio, cache, rows=(sot_index, *range(n - 1, n + len(draft))))
+            nsp = float(logits[0].softmax(-1)[tok.no_speech])
+            ahead, last = logits[1:], logits[1]
+            for i in range(max_new):
                 last = last.masked_fill(suppress, -np.inf)
                 if not self._committed and not tail:  # Whisper's SuppressBlank at the start
                     last[tok.encode(" ") + [tok.eot]] = -np.inf
@@ -410,7 +451,13 @@ class StreamingTranscriber:
                     # ... or starting the utterance over from an earlier phrase
                     del tail[-min(len(tail), ECHO_NGRAM):]
                     break
-                last = model.decoder(torch.tensor([[nxt]]), audio, kv_cache=cache)[0, -1].float()
+                if i < len(draft) and nxt == draft[i]:
+                    last = ahead[i + 1]  # computed in the batch
+                    continue
+                if i < len(draft):  # the draft is wrong from here: forget its keys and values
+                    _truncate_self_attention(model, cache, n + i)
+                    draft = []
+                last = decoder_logits(model, [nxt], audio, cache)[0]
         finally:
             for h in hooks:
                 h.remove()
@@ -502,7 +549,7 @@ class StreamingTranscriber:
                  for i, b in enumerate(model.decoder.blocks)]
         try:
             with disable_sdpa():
-                model.decoder(torch.tensor([seq]), audio)
+                decoder_logits(model, seq, audio, rows=())
         finally:
             for h in hooks:
                 h.remove()

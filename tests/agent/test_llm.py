@@ -57,3 +57,27 @@ def test_generation_streams_text_keeps_the_cache_consistent_and_stops_on_cancel(
     stop = threading.Event()
     stop.set()
     assert list(small_llm.generate(cache, 12, stop)) == []
+
+
+def test_int8_decoding_leaves_every_other_forward_as_it_was_and_still_speaks():
+    """dual-int8 quantizes only the reply's token-by-token forwards: the hidden
+    states the state heads read (prefills, short extends) are those of "dual"."""
+    from agent import models
+    from agent.config import config_from
+    from agent.llm import ChatLLM
+
+    path = models.ensure(config_from().cache_dir, "smollm2-135m")
+    dual, int8 = ChatLLM(path, threads=2, dtype="dual"), ChatLLM(path, threads=2, dtype="dual-int8")
+    ids = chat(dual, "Name three colours.")
+    states, after = [], []
+    for llm in (dual, int8):
+        cache = PrefixCache()
+        llm.extend(cache, ids[:-3])
+        llm.extend(cache, ids)  # three rows: the bf16 path of a short extend
+        states.append(cache.hidden)
+        pieces = list(llm.generate(cache, 10, threading.Event()))
+        assert "".join(pieces).strip()
+        assert not llm.decode_switch.on  # off again between and after the reply's forwards
+        after.append(cache.logits)
+    assert torch.equal(states[0], states[1])
+    assert not torch.equal(after[0], after[1])  # ... while the reply's own forwards did run in int8

@@ -66,7 +66,7 @@ def test_local_agreement_commits_the_shared_whole_words_and_never_the_last_word(
     tok = transcriber.tokenizer
     script = iter([" I want", " I want to go", " I want to go to", " I want to go to Paris."])
 
-    def fake_decode(audio, max_new):
+    def fake_decode(audio, max_new, draft=()):
         committed = tok.decode(transcriber._committed)
         return Step(tok.encode(next(script)[len(committed):]), -0.1, 0.0, audio.shape[1])
 
@@ -162,3 +162,41 @@ def test_symbols_that_are_not_the_punctuation_of_speech_end_the_decoding():
 
     assert junk(" //") and junk(" *")
     assert not any(junk(p) for p in (".", " ...", "?\"", " -", " 42", " café", " "))
+
+
+def test_the_decoder_projects_only_the_rows_asked_for_and_they_match_whispers_own_forward(whisper_tiny):
+    import torch
+
+    from speech_encoder.streaming import decoder_logits, encode
+
+    model = whisper_tiny.model
+    audio = encode(model, torch.randn(model.dims.n_mels, 300), 100)
+    tokens = [50257, 50362, 314, 716, 257, 1332]
+    with torch.inference_mode():
+        full = model.decoder(torch.tensor([tokens]), audio)[0]
+        rows = decoder_logits(model, tokens, audio, rows=(1, -1))
+    assert rows.shape == (2, model.dims.n_vocab)
+    assert torch.allclose(rows, full[[1, -1]], atol=1e-3)
+
+
+def test_decoding_from_the_last_steps_tail_gives_exactly_the_greedy_hypotheses(whisper_tiny, speech):
+    """The last tail is checked in one batch, not trusted: every hypothesis is
+    the one token-by-token greedy decoding gives."""
+    audio = speech("The bridge was built more than a hundred years ago, and it still carries trains.")
+    drafted = StreamingTranscriber.from_asr(whisper_tiny, StreamingOptions(duty=1e9), model_name="tiny.en")
+    plain = StreamingTranscriber.from_asr(whisper_tiny, StreamingOptions(duty=1e9), model_name="tiny.en")
+    greedy = plain._decode
+    plain._decode = lambda features, max_new, draft=(): greedy(features, max_new)
+    a, b = stream(drafted, audio), stream(plain, audio)
+    assert [(h.committed, h.tentative) for h in a[0]] == [(h.committed, h.tentative) for h in b[0]]
+    assert a[1].committed == b[1].committed and "bridge" in a[1].committed.lower()
+
+
+def test_an_int8_whisper_streams_the_same_words(speech):
+    path = models.ensure(config_from().cache_dir, "whisper-tiny.en")
+    int8 = WhisperASR(path / "model.pt", "en", threads=1, int8=True)
+    st = StreamingTranscriber.from_asr(int8, StreamingOptions(duty=1e9), model_name="tiny.en")
+    hyps, final = stream(st, speech("Please book a table for four people at the Italian restaurant."))
+    words = final.committed.lower()
+    assert committed_only_grows(hyps + [final])
+    assert "table" in words and ("four" in words or "4" in words) and "restaurant" in words
