@@ -10,6 +10,7 @@ All methods here block; the session calls them in the model worker thread.
 """
 from __future__ import annotations
 
+import copy
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,15 @@ class PrefixCache:
     kv: object = None  # transformers DynamicCache
     logits: torch.Tensor | None = None  # [vocab] after the last id
     hidden: torch.Tensor | None = None  # [hidden_size] last-layer state at the last id, or extend's hidden_at (state heads)
+
+    def copy(self, into: "PrefixCache | None" = None) -> "PrefixCache":
+        """An independent copy (made in ``into``, in place, when given: others may
+        hold that object): extending or rolling back one leaves the other as it was."""
+        out = into if into is not None else PrefixCache()
+        out.ids, out.kv = list(self.ids), copy.deepcopy(self.kv)
+        out.logits = None if self.logits is None else self.logits.clone()
+        out.hidden = None if self.hidden is None else self.hidden.clone()
+        return out
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -79,11 +89,16 @@ class DualPrecisionLinear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.int8 is not None and self.switch.on:
             return self.int8(x)
-        rows = x.numel() // x.shape[-1]
-        if self.weight is not None and rows > self.max_rows_bf16:
-            return torch.nn.functional.linear(x, self.weight, self.bias)
-        y = torch.nn.functional.linear(x.to(torch.bfloat16), self.weight_bf16).to(x.dtype)
-        return y + self.bias if self.bias is not None else y
+        # As a 2-D matrix: given a slice of a longer sequence (the output head gets
+        # the last position), torch 2.13 does not fold the batch dimension and runs
+        # a batched multiply that first copies the whole weight (the head: ~0.6 s).
+        x2 = x.reshape(-1, x.shape[-1])
+        if self.weight is not None and len(x2) > self.max_rows_bf16:
+            y = torch.nn.functional.linear(x2, self.weight, self.bias)
+        else:
+            y = torch.nn.functional.linear(x2.to(torch.bfloat16), self.weight_bf16).to(x.dtype)
+            y = y + self.bias if self.bias is not None else y
+        return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 class Bf16Embedding(torch.nn.Module):

@@ -246,11 +246,15 @@ class Session:
         self.turns = 0
 
     async def warm_up(self) -> None:
-        """Prefill the system prompt before the user speaks, so that the first
-        turn pays only for its own words."""
-        llm = self.engine.llm
-        ids = llm.prompt_ids([{"role": "system", "content": self.system_prompt}])
-        await asyncio.get_running_loop().run_in_executor(self.engine.model_executor, llm.extend, self.cache, ids)
+        """Start from the system prompt already prefilled (the engine's copy), so
+        that the first turn pays only for its own words."""
+        def seed() -> None:
+            # In place: a turn's adapter may already hold this cache object; one that
+            # was already fed (a turn began first) has prefilled the prompt itself.
+            if not self.cache.ids:
+                self.engine.system_prefix(self.system_prompt, into=self.cache)
+
+        await asyncio.get_running_loop().run_in_executor(self.engine.model_executor, seed)
 
     def say(self, text: str) -> None:
         """Speak ``text`` now, without a user turn (an opening line, a greeting).

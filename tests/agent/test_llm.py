@@ -81,3 +81,49 @@ def test_int8_decoding_leaves_every_other_forward_as_it_was_and_still_speaks():
         after.append(cache.logits)
     assert torch.equal(states[0], states[1])
     assert not torch.equal(after[0], after[1])  # ... while the reply's own forwards did run in int8
+
+
+def test_a_copied_cache_is_independent_of_its_original(small_llm):
+    base = chat(small_llm, "Hello there.")
+    original = PrefixCache()
+    small_llm.extend(original, base)
+    before = original.logits.clone()
+    copied = original.copy()
+    small_llm.extend(copied, chat(small_llm, "Something else entirely, please."))
+    assert original.ids == base and original.kv.get_seq_length() == len(base)
+    assert torch.equal(original.logits, before)
+    small_llm.extend(original, base + [copied.ids[-1]])  # the original still extends as a fresh prefill would
+    assert torch.allclose(original.logits, fresh_logits(small_llm, base + [copied.ids[-1]]), atol=1e-4)
+
+
+def test_every_session_starts_from_one_prefill_of_the_system_prompt(small_llm):
+    from agent.config import Config
+    from agent.engine import Engine
+
+    engine = Engine(Config(), None, small_llm, None)
+    try:
+        system = [{"role": "system", "content": "Be brief."}]
+        first = engine.system_prefix("Be brief.")
+        prompt = small_llm.prompt_ids(system + [{"role": "user", "content": "Hi."}])
+        assert small_llm.extend(first, prompt) < len(prompt)  # the system prompt was there already
+        into = PrefixCache()
+        second = engine.system_prefix("Be brief.", into=into)
+        assert second is into and into.ids == small_llm.prompt_ids(system)  # untouched by the first session
+        assert torch.allclose(into.logits, fresh_logits(small_llm, into.ids), atol=1e-4)
+        assert list(engine._prefixes) == ["Be brief."]
+    finally:
+        engine.close()
+
+
+def test_a_dual_precision_layer_computes_what_its_linear_computes_for_any_input_layout():
+    # Tiny random weights: mechanics only.
+    from agent.llm import DualPrecisionLinear
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 96)
+    layer = DualPrecisionLinear(linear, max_rows_bf16=4)
+    for rows in (1, 3, 9):  # bf16 rows, and float32 beyond max_rows_bf16
+        x = torch.randn(1, rows + 2, 64)[:, -rows:, :]  # the last positions, as the output head gets them
+        y = layer(x)
+        assert y.shape == (1, rows, 96)
+        assert torch.allclose(y, linear(x.contiguous()), atol=0.05, rtol=0.02)
