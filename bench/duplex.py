@@ -162,6 +162,24 @@ def idle(events: list[dict]) -> bool:
     return (not states or states[-1] == "listening") and (not speech or speech[-1] == "user_speech_end")
 
 
+def agent_speaking(events: list[dict]) -> bool:
+    marks = [e["type"] for e in events if e["type"] in ("agent_speech_start", "agent_speech_end")]
+    return bool(marks) and marks[-1] == "agent_speech_start"
+
+
+async def wait_for_agent(client, kind: str, after: int) -> dict:
+    """The agent's next ``kind`` event; gives up after REPLAY_WAIT_S with the agent
+    silent. A long answer is waited out (a 20 s cap on the whole wait skipped the
+    noise of scenarios whose answer ran past it), up to 10 such waits."""
+    for _ in range(10):
+        try:
+            return await client.wait_for(lambda e: e["type"] == kind, REPLAY_WAIT_S, after)
+        except TimeoutError:
+            if not agent_speaking(client.events):
+                raise
+    raise TimeoutError(f"no {kind} in {10 * REPLAY_WAIT_S:g} s")
+
+
 async def call(url: str, scenario: Scenario, run_dir: Path, tail_s: float = 1.5) -> None:
     """Play the script into a call as a client would; record both sides on the client's clock.
 
@@ -182,7 +200,7 @@ async def call(url: str, scenario: Scenario, run_dir: Path, tail_s: float = 1.5)
             else:
                 kind = "agent_speech_start" if part.trigger == "agent_start" else "agent_speech_end"
                 try:
-                    await client.wait_for(lambda e: e["type"] == kind, REPLAY_WAIT_S, mark)
+                    await wait_for_agent(client, kind, mark)
                 except TimeoutError:
                     break
                 mark = len(client.events)
