@@ -114,13 +114,12 @@ def prefill_costs(llm, system_prompt: str, hyps, final_text: str) -> dict:
     messages = [{"role": "system", "content": system_prompt}]
     base = PrefixCache()
     llm.extend(base, llm.prompt_ids(messages))
+    cache = base.copy()  # the adapter's run starts from the same system prompt, not a second prefill
     full = llm.prompt_ids(messages + [{"role": "user", "content": final_text}])
     t0 = time.perf_counter()
     without_tokens = llm.extend(base, full)
     without_ms = (time.perf_counter() - t0) * 1000
 
-    cache = PrefixCache()
-    llm.extend(cache, llm.prompt_ids(messages))
     adapter = TextAdapter(llm, cache, end_guess_ms=StreamingOptions().end_step_ms)  # as agent/turn.py
     adapter.begin(messages)
     during = [adapter.update(h) for h in hyps]

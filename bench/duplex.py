@@ -155,16 +155,19 @@ def run_replay(engine, scenario: Scenario, run_dir: Path) -> None:
 
 # -- webrtc: the same script from an aiortc caller -------------------------------------------------
 
+def last_of(events: list[dict], *kinds: str) -> str | None:
+    """The type of the last event of one of ``kinds``; None if there is none."""
+    return next((e["type"] for e in reversed(events) if e["type"] in kinds), None)
+
+
 def idle(events: list[dict]) -> bool:
     """From the call's events: no user turn open and no reply in flight (as ``Session.idle``)."""
-    states = [e["state"] for e in events if e["type"] == "state"]
-    speech = [e["type"] for e in events if e["type"] in ("user_speech_start", "user_speech_end")]
-    return (not states or states[-1] == "listening") and (not speech or speech[-1] == "user_speech_end")
+    state = next((e["state"] for e in reversed(events) if e["type"] == "state"), "listening")
+    return state == "listening" and last_of(events, "user_speech_start", "user_speech_end") != "user_speech_start"
 
 
 def agent_speaking(events: list[dict]) -> bool:
-    marks = [e["type"] for e in events if e["type"] in ("agent_speech_start", "agent_speech_end")]
-    return bool(marks) and marks[-1] == "agent_speech_start"
+    return last_of(events, "agent_speech_start", "agent_speech_end") == "agent_speech_start"
 
 
 async def wait_for_agent(client, kind: str, after: int) -> dict:
@@ -175,7 +178,8 @@ async def wait_for_agent(client, kind: str, after: int) -> dict:
         try:
             return await client.wait_for(lambda e: e["type"] == kind, REPLAY_WAIT_S, after)
         except TimeoutError:
-            if not agent_speaking(client.events):
+            # Look again if it came as the wait ran out (the next wait finds it at once).
+            if not agent_speaking(client.events) and last_of(client.events[after:], kind) is None:
                 raise
     raise TimeoutError(f"no {kind} in {10 * REPLAY_WAIT_S:g} s")
 
