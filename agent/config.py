@@ -36,7 +36,7 @@ class Config:
     cache_dir: Path = field(default_factory=default_cache_dir, metadata={"help": "model cache directory"})
     chunk_ms: int = field(default=160, metadata={"help": "engine chunk (clock tick) length, 80-320 ms"})
     asr_model: str = field(default="tiny.en", metadata={"help": "Whisper model: tiny.en or base"})
-    asr_int8: bool = field(default=True, metadata={"help": "Whisper's linear layers in int8 (dynamic quantization): streaming steps ~35% cheaper, WER in docs/BENCHMARKS.md (false: float32)"})
+    asr_int8: bool = field(default=True, metadata={"help": "Whisper's linear layers in int8 (dynamic quantization): streaming steps about a third cheaper, WER in docs/BENCHMARKS.md (false: float32)"})
     language: str = field(default="en", metadata={"help": "speech language for the multilingual Whisper"})
     llm: str = field(default="qwen2.5-0.5b", metadata={"help": "chat LLM: qwen2.5-0.5b or smollm2-135m"})
     llm_dtype: str = field(default="dual-int8", metadata={"help": "LLM compute: dual (float32 prefill, bf16 decode), dual-int8 (the same, the reply decoded with int8 weights), bfloat16, float32"})

@@ -43,7 +43,9 @@ class Decision(Event):
     (the user may be cutting in: the voice pauses, or drops 12 dB), release (the
     cut-in paused without words: the voice goes on), hum (Whisper heard a hum,
     not words: the voice goes on while the cut-in is still judged), reject
-    (short speech while speaking: carry on), interrupt (barge-in: stop). With
+    (short speech while speaking: carry on), interrupt (barge-in: stop),
+    carry_on (the cut-in that stopped the agent held no words: it says the rest
+    of the reply it was cut off in). With
     the state head, its label on every chunk of the user's words: continue,
     interrupt (while listening: the turn is over, answer it) or reject (ignore
     the activation), with ``probs``; timeout: a pause ended the turn although

@@ -71,6 +71,12 @@ RAMP_SAMPLES = SAMPLE_RATE // 100  # 10 ms gain ramps: no click at a duck, un-du
 # words (measured on flite speech, tiny.en: a hummed "mm-hmm" comes out as "N",
 # "and image and" at -1.6 to -4.0; "Wait" at -0.9 from 0.6 s of audio).
 CUT_IN_MIN_LOGPROB = -1.5
+# ... except a guess that is a word for "stop": Whisper is unsure of a lone "Stop." or
+# "Wait..." (mean log-probability -1.5 to -2.9 from 0.5-0.9 s of piper, flite and
+# espeak speech), and treating it as a guess let the voice go on over it at the pause
+# that follows (5 of 29 late stops over WebRTC, 2026-11-28). Those words go to the
+# state head; talking over "stop" costs more than holding the voice for a misheard cough.
+STOP_WORDS = re.compile(r"\W*(stop|wait|hold on|hold it|hold up|hang on)\b", re.IGNORECASE)
 # Previous text for Whisper on a cut-in: with fillers in the prompt it spells a hum
 # as one ("M-m-", "Uh-h") instead of inventing words ("and then major"); measured
 # on the bench's flite/espeak/piper backchannels and cut-ins, the words of the
@@ -183,6 +189,9 @@ class Reply:
     first_audio_ms: float = 0.0
     prefill_tokens: int = 0
     t_asr_done: float = 0.0
+    # Says the rest of a reply a cut-in stopped; the groups of it heard whole before
+    # the cut (the history joins the two into one answer). None: a reply of its own.
+    resumes: str | None = None
 
 
 @dataclass
@@ -220,6 +229,10 @@ class Session:
         self._gain = self._gain_target = 1.0
         self._tail: np.ndarray | None = None  # a fade-out still to play after a stop
         self._barge_in_pending = False  # the last interruption's user speech is not yet transcribed
+        # The reply the last interruption cut off: its groups heard whole, and the rest
+        # from the group it cut. Kept until the cut-in is known to hold words: if it
+        # proves empty, the rest is said.
+        self._cut_off: tuple[str, str] | None = None
         self._holding = False  # the voice is held for a cut-in: nothing is played, nothing is lost
         self._hold_faded = False  # ... and the fade to silence has gone out
         self._hold_t = 0.0  # media time the held voice fell silent
@@ -262,10 +275,13 @@ class Session:
         It plays like any reply: it can be cut off, and the history records what
         was heard as the assistant's turn. Ignored while a reply is in flight or the user is speaking.
         """
+        self._speak(text)
+
+    def _speak(self, text: str, resumes: str | None = None) -> None:
         if self._reply is not None or self._turn is not None:
             return
         loop = asyncio.get_running_loop()
-        reply = Reply(user_end=self.now, audio=np.zeros(0, np.float32), generated=text.strip())
+        reply = Reply(user_end=self.now, audio=np.zeros(0, np.float32), generated=text.strip(), resumes=resumes)
         reply.t_asr_done = time.monotonic()
         reply.decoder = SpeechDecoder(self.engine.tts, self.engine.tts_executor, loop,
                                       on_audio=lambda a, t: self._on_audio(reply, a, t),
@@ -533,7 +549,7 @@ class Session:
             return "reject", None, text
         if hum(text):
             return "hum", None, text
-        if heard_words.avg_logprob < CUT_IN_MIN_LOGPROB:
+        if heard_words.avg_logprob < CUT_IN_MIN_LOGPROB and not STOP_WORDS.match(text):
             # Whisper is guessing (a hum, a cough, the first syllable of a word):
             # no verdict on guesses; listen to more of it.
             return "continue", None, text
@@ -684,6 +700,7 @@ class Session:
         elif label == "reject":
             self._turn = None  # not meant for the agent; speech that goes on opens a new turn
             self.emit(TranscriptRejected(self.now, turn.text, "state head: reject"))
+            self._resume_cut_off()
 
     def _end_turn(self, turn: UserTurn, user_end: float | None = None) -> None:
         """The user's turn is over: reply to it."""
@@ -740,8 +757,10 @@ class Session:
                 self.stats.false_stops += 1
             self._barge_in_pending = False
             self._finish_reply(reply, interrupted=False)
+            self._resume_cut_off()
             return
         self._barge_in_pending = False
+        self._cut_off = None  # the cut-in had words: it is answered, not talked over
         self._note_voice_level(reply.audio)  # words answered: this is the user's voice
         reply.user_text = transcript.text
         self.emit(TranscriptEvent(self.now, transcript.text, transcript.no_speech_prob))
@@ -852,12 +871,24 @@ class Session:
         self.stats.interruptions += 1
         self.stats.stop_latencies.append(stop_t - self._user_onset)
         self._barge_in_pending = True
+        spoken = reply.decoder.spoken_text if reply.decoder else []
+        self._cut_off = (" ".join(reply.played_groups), " ".join(spoken[len(reply.played_groups):]))
         self._decide_as("interrupt", probs)
         self.emit(AgentSpeechEnd(stop_t, "interrupted"))
         self.emit(StateChanged(self.now, "interrupted"))
         self._finish_reply(reply, interrupted=True, stop_latency=stop_t - self._user_onset)
         if self.config.streaming and self._utterance is not None:
             self._open_turn(self._utterance)  # the cut-in so far is the start of the user's turn
+
+    def _resume_cut_off(self) -> None:
+        """The cut-in that stopped the last reply held no words after all (a cough
+        heard as a word, a backchannel judged late): say the rest of that reply, from
+        the group it cut, as a person picks up after "sorry, go on". Only the text
+        already generated is said (the LLM was stopped with the voice)."""
+        cut_off, self._cut_off = self._cut_off, None
+        if cut_off and cut_off[1] and self._turn is None and self._utterance is None:
+            self._decide_as("carry_on")
+            self._speak(cut_off[1], resumes=cut_off[0])
 
     def _stop(self, reply: Reply) -> None:
         """Cancellation flows one way: LLM and voice stop, queued audio is dropped."""
@@ -917,6 +948,10 @@ class Session:
         if not interrupted:
             self.emit(AgentSpeechEnd(self._agent_audio_end, "finished"))
         heard = reply.generated if not interrupted and reply.generated else self.heard_text(reply)
+        if reply.resumes is not None and self.history and self.history[-1]["role"] == "assistant":
+            # One answer, said in two parts (the cut group said again): one turn in the history.
+            self.history[-1] = {"role": "assistant", "content": f"{reply.resumes} {heard}".strip()}
+            return
         if reply.user_text:
             self.history.append({"role": "user", "content": reply.user_text})
         self.history.append({"role": "assistant", "content": heard})

@@ -122,8 +122,10 @@ def split_of(text: str) -> str:
     return "eval" if digest[0] < 256 * EVAL_SHARE else "train"
 
 
-def load_phrases(path: Path = HEADS_DIR / "phrases.txt") -> dict[str, list[str]]:
+def load_phrases(path: Path = HEADS_DIR / "phrases.txt") -> tuple[dict[str, list[str]], frozenset[str]]:
+    """(phrases by section, the normalized phrases marked "+ ": always trained on)."""
     out: dict[str, list[str]] = defaultdict(list)
+    pinned = set()
     section = None
     for line in Path(path).read_text().splitlines():
         line = line.strip()
@@ -131,9 +133,12 @@ def load_phrases(path: Path = HEADS_DIR / "phrases.txt") -> dict[str, list[str]]
             continue
         if m := re.fullmatch(r"== (\w+) ==", line):
             section = m.group(1)
-        else:
-            out[section].append(line)
-    return dict(out)
+            continue
+        if line.startswith("+ "):
+            line = line[2:].strip()
+            pinned.add(normalize(line))
+        out[section].append(line)
+    return dict(out), frozenset(pinned)
 
 
 _CODE = re.compile(r"[{}\[\]()<>=_*#/\\|~^@$%`♪]|\.\.|^[A-Z]+:|^[^A-Za-z\"']")
@@ -240,9 +245,15 @@ def make_contexts(rng: random.Random, pairs: list[tuple[str, str]], texts: list[
 
 
 def build_sequences(chatterbot: list[str], pairs: list[tuple[str, str]], seinfeld: list[str],
-                    phrases: dict[str, list[str]], sizes: Sizes = Sizes(), seed: int = 0) -> list[Sequence]:
-    """The labelled set (see the module docstring for the labelling)."""
+                    phrases: dict[str, list[str]], sizes: Sizes = Sizes(), seed: int = 0,
+                    pinned: frozenset[str] = frozenset()) -> list[Sequence]:
+    """The labelled set (see the module docstring for the labelling). ``pinned``:
+    normalized phrases that go to training whatever their hash."""
     rng = random.Random(seed)
+
+    def phrase_split(phrase: str) -> str:
+        return "train" if normalize(phrase) in pinned else split_of(phrase)
+
     ignore = {normalize(p) for k in ("backchannel", "filler", "noise") for p in phrases[k]}
     chatterbot = [t for t in chatterbot if normalize(t) and normalize(t) not in ignore]
     seinfeld = [t for t in seinfeld if normalize(t) and normalize(t) not in ignore]
@@ -292,12 +303,12 @@ def build_sequences(chatterbot: list[str], pairs: list[tuple[str, str]], seinfel
     for phrase in phrases["filler"]:
         for _ in range(sizes.phrase_contexts):
             text, sp = whisper_style(rng, phrase), rng.uniform(150, 700)
-            add(text, split_of(phrase), False,
+            add(text, phrase_split(phrase), False,
                 [tap(len(text), CONTINUE, _short_silence(rng), sp, False, "listen/filler, still talking"),
                  tap(len(text), REJECT, _long_silence(rng), sp, False, "listen/filler + silence")])
     for phrase in phrases["noise"]:
         for _ in range(sizes.phrase_contexts):
-            add(phrase, split_of(phrase), False,
+            add(phrase, phrase_split(phrase), False,
                 [tap(len(phrase), REJECT, _any_silence(rng), rng.uniform(60, 900), False, "listen/noise")
                  for _ in range(2)])
 
@@ -306,15 +317,16 @@ def build_sequences(chatterbot: list[str], pairs: list[tuple[str, str]], seinfel
         for phrase in phrases[kind]:
             for _ in range(sizes.phrase_contexts):
                 text = phrase if kind == "noise" else whisper_style(rng, phrase)
-                add(text, split_of(phrase), True,
+                add(text, phrase_split(phrase), True,
                     [tap(len(text), label, _any_silence(rng), _speech_ms(rng, text), True, f"speak/{kind}")
                      for _ in range(2)])
-    openers = {s: [o for o in phrases["opener"] if split_of(o) == s] for s in ("train", "eval")}
+    openers = {s: [o for o in phrases["opener"] if phrase_split(o) == s] for s in ("train", "eval")}
     for text in rng.sample(chatterbot + seinfeld, min(sizes.spoken_over, len(chatterbot + seinfeld))):
         split = split_of(text)
         if openers[split] and rng.random() < 0.5:
             opener = rng.choice(openers[split])
-            rest = text if re.match(r"I\b", text) else text[0].lower() + text[1:]
+            # After "Stop." the sentence starts anew; after "Wait," it goes on.
+            rest = text if re.match(r"I\b", text) or opener.endswith((".", "!", "?")) else text[0].lower() + text[1:]
             text = f"{opener} {rest}"
             taps = [tap(len(opener), INTERRUPT, _any_silence(rng), _speech_ms(rng, opener), True, "speak/opener")]
         else:
@@ -506,7 +518,8 @@ def format_report(report: dict) -> str:
 
 def dataset(sizes: Sizes = Sizes(), seed: int = 0) -> list[Sequence]:
     chatterbot, pairs = load_chatterbot()
-    return build_sequences(chatterbot, pairs, load_seinfeld(), load_phrases(), sizes, seed)
+    phrases, pinned = load_phrases()
+    return build_sequences(chatterbot, pairs, load_seinfeld(), phrases, sizes, seed, pinned)
 
 
 def train(llm_name: str, out_dir: Path = HEADS_DIR, cache_dir: Path | None = None, sizes: Sizes = Sizes(),

@@ -23,7 +23,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
@@ -240,6 +242,11 @@ async def call(url: str, scenario: Scenario, run_dir: Path, tail_s: float = 1.5)
                                                       "transport": "webrtc"}, indent=2))
 
 
+def call_in_process(url: str, scenario: Scenario, run_dir: Path) -> None:
+    """``call`` from a process of the caller's own (see run_all)."""
+    asyncio.run(call(url, scenario, run_dir))
+
+
 # -- the whole benchmark ---------------------------------------------------------------------------
 
 def aggregate(out: Path, machine: str, config: Config, transport: str, scenarios: list[Scenario]) -> dict:
@@ -304,7 +311,7 @@ def run_all(engine, scenarios: list[Scenario], out: Path, machine: str, transpor
             resume: bool = False) -> dict:
     """Run, score and report ``scenarios`` on a loaded engine; results are rewritten after each one."""
     out = Path(out)
-    server = None
+    server = caller = None
     vad = score.SileroVad()
     report = lambda: write_results(out, aggregate(out, machine, engine.config, transport, scenarios))  # noqa: E731
     try:
@@ -312,13 +319,16 @@ def run_all(engine, scenarios: list[Scenario], out: Path, machine: str, transpor
             from web.server import ServerSettings, ServerThread, create_app
 
             server = ServerThread(create_app(ServerSettings(max_sessions=1), engine=engine))
+            # The caller is a process of its own, as a real caller is: in this one its
+            # event loop would share the interpreter lock with the server's and the models'.
+            caller = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
         for k, s in enumerate(scenarios):
             run_dir = out / s.category / s.id
             if resume and (run_dir / "score.json").exists():
                 continue
             t1 = time.monotonic()
-            if server:
-                asyncio.run(call(server.url, s, run_dir))
+            if caller:
+                caller.submit(call_in_process, server.url, s, run_dir).result()
             else:
                 run_replay(engine, s, run_dir)
             (run_dir / "scenario.json").write_text(json.dumps(s.describe(), indent=2))
@@ -327,6 +337,8 @@ def run_all(engine, scenarios: list[Scenario], out: Path, machine: str, transpor
             print(f"[{k + 1}/{len(scenarios)}] {s.id}: {scored['result']} ({time.monotonic() - t1:.0f} s)", flush=True)
             report()  # a run cut short still leaves its results
     finally:
+        if caller:
+            caller.shutdown(cancel_futures=True)
         if server:
             server.stop()
     return report()

@@ -282,7 +282,8 @@ def noise_scenario(i: int, speaker: Speaker, rng: np.random.Generator) -> Scenar
     other = VOICES[(VOICES.index(voice) + 3) % len(VOICES)]  # somebody else: another voice
     kind = NOISE_KINDS[i % len(NOISE_KINDS)]
     placement = ("during", "between")[(i // len(NOISE_KINDS)) % 2]
-    ask = tagged(lines, "ask")[i % len(tagged(lines, "ask"))]
+    asks = tagged(lines, "long" if placement == "during" else "ask")  # see noise.txt
+    ask = asks[i % len(asks)]
     if kind == "cough":
         sound, text, who = cough(rng), "a cough (synthesized: formant-shaped noise bursts)", ""
     elif kind == "door":

@@ -6,7 +6,8 @@ generated and releases a group at a sentence end, at clause punctuation once the
 group is long enough, or at a space once it grows too long. The first group of a
 reply may be shorter than the rest: that is the group whose synthesis everyone
 waits for; a first sentence with no comma is cut before a word that starts a
-phrase ("is", "of", "because"...) once a few words are in. Later groups are cut
+phrase ("is", "of", "because"...) once a few words are in, and a first sentence
+shorter than that ("Sure!") is joined to what follows. Later groups are cut
 the same way when the voice is about to run dry (``push(..., urgent=True)``):
 a long sentence generated slowly would otherwise leave a gap in the speech.
 """
@@ -47,8 +48,12 @@ class ClauseGrouper:
     def _cut(self) -> int | None:
         """Index just after the best place to end the next group, or None to wait."""
         buf = self._buf
-        if m := _SENTENCE_END.search(buf):
-            return m.end()
+        for m in _SENTENCE_END.finditer(buf):
+            # A first sentence shorter than a first group ("Sure!") waits for what
+            # follows: voiced alone it is over before the next group is ready, and the
+            # reply starts with a hole (measured over WebRTC: "Sure!", then 1.9 s of silence).
+            if self._groups_out or m.end() >= self.pacing.first_min_chars:
+                return m.end()
         best = None
         for m in _CLAUSE_END.finditer(buf):
             if m.end() >= self._min():

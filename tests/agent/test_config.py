@@ -36,3 +36,20 @@ def test_an_unparseable_environment_value_names_the_variable():
 def test_config_is_immutable():
     with pytest.raises(Exception):
         Config().chunk_ms = 80
+
+
+def test_every_command_explains_its_flags():
+    # argparse formats help strings with %: a bare "35%" in a flag's help broke --help.
+    import argparse
+
+    from run_agent import build_parser
+
+    def parsers(p: argparse.ArgumentParser):
+        yield p
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    yield from parsers(sub)
+
+    for p in parsers(build_parser()):
+        assert p.format_help().startswith("usage:"), p.prog

@@ -184,3 +184,46 @@ def test_an_opening_line_is_spoken_and_kept_as_the_assistants_turn(engine, tmp_p
     assert session.history == [{"role": "assistant", "content": "Hello, I am Duplex. How can I help?"}]
     heard = engine.asr.transcribe(audio).text.lower()
     assert "duplex" in heard or "help" in heard, heard
+
+
+def test_a_reply_stopped_by_a_cut_in_that_proves_empty_is_taken_up_again(engine):
+    """Without a state head, 400 ms of voice over the agent stops it. When that
+    voice turns out to hold no words (here a door slam and its rattle), the agent
+    says the rest of its reply from the group it cut, and the history keeps one
+    answer."""
+    from agent.engine import Engine
+    from agent.session import Session
+    from bench.duplex_scenarios import door_slam
+
+    no_head = Engine(engine.config, engine.asr, engine.llm, engine.tts, head=None)
+    line = ("The museum opens at nine in the morning. On Sundays it stays open until six, "
+            "and on Mondays it is closed all day.")
+    noise = np.tile(door_slam(np.random.default_rng(3)), 2)
+
+    async def scenario():
+        session = Session(no_head)
+        await session.warm_up()
+        session.say(line)
+        n = no_head.config.chunk_samples
+        user = np.zeros(int(16 * n), np.float32)  # agent speaking a while, then the noise
+        user = np.concatenate([user, noise, np.zeros(n * 120, np.float32)])
+        user = np.concatenate([user, np.zeros(-len(user) % n, np.float32)])
+        out = []
+        for i in range(0, len(user), n):
+            out.append(session.step(user[i:i + n]))
+            await asyncio.sleep(no_head.config.chunk_ms / 1000)
+            if i > 20 * n and session.idle:
+                break
+        await session.close()
+        return session
+
+    try:
+        session = asyncio.run(scenario())
+    finally:
+        no_head.close()
+    decisions = [e.decision for e in session.events if type(e).__name__ == "Decision"]
+    ends = [e.reason for e in session.events if type(e).__name__ == "AgentSpeechEnd"]
+    assert "interrupt" in decisions and "carry_on" in decisions, decisions
+    assert ends == ["interrupted", "finished"]
+    (answer,) = session.history  # one answer, each of its words once
+    assert answer == {"role": "assistant", "content": line}, answer

@@ -151,6 +151,20 @@ def test_held_out_text_is_never_trained_on_and_labels_follow_the_spec():
             assert split_of(text) == s.split  # contexts come from the sample's own split
 
 
+def test_a_pinned_phrase_is_always_trained_on():
+    lines = [f"Can you tell me about the number {w} please?" for w in
+             "one two three four five six seven eight nine ten eleven twelve thirteen fourteen".split()]
+    lines += [f"I really like the color {c} a lot." for c in "red blue green pink gray black white gold".split()]
+    phrases = {"backchannel": ["yeah"], "filler": ["um"], "noise": ["Thank you."], "cutin": ["stop", "wait"],
+               "opener": ["Stop.", "Actually,"]}
+    sizes = Sizes(chatterbot=4, seinfeld=1, trailing=2, open_marked=2, spoken_over=4, phrase_contexts=2, contexts=2)
+    assert split_of("stop") == "eval"  # by its hash it would be held out
+    pairs = list(zip(lines[::2], lines[1::2]))
+    for pinned, split in ((frozenset(), "eval"), (frozenset({"stop"}), "train")):
+        seqs = build_sequences(lines, pairs, ["What a lovely day it is today."], phrases, sizes, pinned=pinned)
+        assert {s.split for s in seqs if normalize(s.text) == "stop"} == {split}
+
+
 # -- behaviour on the real model ---------------------------------------------------------------------
 
 

@@ -64,7 +64,7 @@ def test_every_output_is_written(run):
 def test_the_transcript_has_both_agents_speaking_and_hearing(run):
     out, _ = run
     lines = (out / "transcript.txt").read_text().splitlines()
-    assert any(line.endswith("] A: Hi Alex!") for line in lines)
+    assert any("] A: Hi Alex!" in line for line in lines)  # with what follows: "Hi Alex!" alone is short
     assert any("] B: " in line for line in lines)
     first_heard = next(line for line in lines if line.startswith("[") and "(B heard)" in line)
     # B hears A's opening through the link; Whisper may mishear a word of Piper's (random-noise) voice.

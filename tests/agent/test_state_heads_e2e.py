@@ -107,3 +107,14 @@ def test_whispers_spelling_of_a_hum_is_not_words():
     assert not hum("Wait") and not hum("Mm, wait.") and not hum("No, no.") and not hum("")
     assert hum("M-m-h-n-s")
     assert not hum("W-") and not hum("N.") and not hum("W-s")  # perhaps the start of a word
+
+
+def test_a_guessed_word_for_stop_is_still_words():
+    # Whisper is unsure of a lone "Stop." (low log-probability), but it is not a hum:
+    # it goes to the state head instead of being waited out as a guess.
+    from agent.session import STOP_WORDS
+
+    for heard in ("Stop.", "Stop...", "stop, stop", "Wait... wait", "Hold on.", "Hang on,", "Hold it.", "Hold up."):
+        assert STOP_WORDS.match(heard), heard
+    for heard in ("Stuck...", "Waiting room", "Start.", "Hold him...", "Uh-h", "Up, up", ""):
+        assert not STOP_WORDS.match(heard), heard

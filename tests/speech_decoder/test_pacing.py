@@ -22,8 +22,9 @@ def test_the_first_group_is_cut_at_an_early_clause_mark():
 
 
 def test_later_clauses_merge_up_to_the_minimum_length():
-    groups = feed("Hi there. One, two, three, four, five, six, seven, eight, nine, ten, eleven.", ClauseGrouper())
-    assert groups[0] == "Hi there."
+    groups = feed("Good morning to you. One, two, three, four, five, six, seven, eight, nine, ten, eleven.",
+                  ClauseGrouper())
+    assert groups[0] == "Good morning to you."
     assert all(len(g) >= Pacing().min_chars for g in groups[1:-1])
 
 
@@ -32,6 +33,17 @@ def test_a_long_run_without_punctuation_is_cut_at_a_space():
     groups = feed(text, ClauseGrouper(Pacing(max_chars=60)))
     assert all(len(g) <= 60 for g in groups)
     assert " ".join(groups) == text
+
+
+def test_a_lone_short_first_sentence_is_voiced_with_what_follows():
+    # "Sure!" alone is over before the next group is synthesized: a hole in the reply.
+    assert feed("Sure! The capital of Japan is Tokyo.", ClauseGrouper()) == [
+        "Sure! The capital of Japan", "is Tokyo."]
+    assert feed("Sure! I can help.", ClauseGrouper()) == ["Sure! I can help."]
+    assert feed("Okay.", ClauseGrouper()) == ["Okay."]  # a reply of one short sentence is still voiced
+    g = ClauseGrouper()
+    assert g.push("Paris is the capital. ") == ["Paris is the capital."]
+    assert g.push("Yes. ") == ["Yes."]  # later groups: a sentence end is always a cut
 
 
 def test_decimal_numbers_are_not_sentence_ends():
