@@ -3,9 +3,14 @@
 Voices cycle over three engines so that no single synthesizer's quirks decide
 the result: Piper (the agent's own "joe" voice), flite (slt, kal, awb, rms) and
 espeak-ng. Every utterance is float32 mono 16 kHz.
+
+Piper samples noise as it speaks, so each synthesis of the same text differs;
+the ASR set is therefore synthesized once and kept on disk (a new synthesis is a
+new test set: it moved the streaming WER from run to run, docs/BENCHMARKS.md).
 """
 from __future__ import annotations
 
+import hashlib
 import shutil
 import subprocess
 import tempfile
@@ -15,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from agent.config import SAMPLE_RATE
-from speech_encoder.audio import load_audio, resample
+from speech_encoder.audio import load_audio, resample, write_wav
 
 DATA = Path(__file__).parent / "data"
 VOICES = ("piper:joe", "flite:slt", "espeak:en-us", "flite:kal", "flite:awb", "piper:joe", "flite:rms",
@@ -70,9 +75,14 @@ class Synthesizer:
             return load_audio(wav, SAMPLE_RATE)
 
 
-def asr_test_set(cache_dir: Path, limit: int | None = None, lead_s: float = 0.3) -> list[Utterance]:
+def asr_test_set(cache_dir: Path, limit: int | None = None, lead_s: float = 0.3,
+                 store: Path | None = None) -> list[Utterance]:
     """The ASR benchmark's utterances: each text once, voices in turn, ``lead_s`` of
-    silence before the speech (no silence after: the caller adds what it needs)."""
+    silence before the speech (no silence after: the caller adds what it needs).
+    Each is synthesized once into ``store`` (default ``cache_dir/bench-asr``, 16-bit
+    WAV) and read back from there, the first time too: every run hears the same audio."""
+    store = Path(store or Path(cache_dir) / "bench-asr")
+    store.mkdir(parents=True, exist_ok=True)
     synth = Synthesizer(cache_dir)
     voices = [v for v in VOICES if synth.available(v)]
     if not voices:
@@ -81,7 +91,12 @@ def asr_test_set(cache_dir: Path, limit: int | None = None, lead_s: float = 0.3)
     out = []
     for i, text in enumerate(texts):
         voice = voices[i % len(voices)]
-        audio = synth.speak(text, voice)
+        path = store / f"{hashlib.sha1(f'{voice}|{text}'.encode()).hexdigest()[:16]}.wav"
+        if not path.exists():
+            part = path.with_suffix(".part")
+            write_wav(part, synth.speak(text, voice), SAMPLE_RATE)
+            part.replace(path)  # a run cut short leaves no half-written utterance
+        audio = load_audio(path, SAMPLE_RATE)
         audio = np.concatenate([np.zeros(int(lead_s * SAMPLE_RATE), np.float32), audio])
         out.append(Utterance(f"u{i:03d}", text, voice, audio.astype(np.float32)))
     return out

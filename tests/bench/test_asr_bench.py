@@ -1,6 +1,6 @@
 """The ASR benchmark's yardsticks: the test set and the word error rate."""
 from bench.asr import edit_distance, normalizer, pct, wer
-from bench.corpus import VOICES, read_texts
+from bench.corpus import VOICES, Synthesizer, asr_test_set, read_texts
 
 
 def test_the_test_set_has_at_least_150_varied_utterances_and_three_engines():
@@ -23,3 +23,23 @@ def test_word_error_rate_counts_substitutions_deletions_and_insertions():
     assert wer(["the cat sat"], ["the cat sat"]) == 0.0
     assert abs(wer(["the cat sat on the mat"], ["the cat on a mat"]) - 2 / 6) < 1e-9
     assert pct([1, 2, 3], 50) == 2
+
+
+def test_the_test_set_is_synthesized_once_so_every_run_hears_the_same_audio(tmp_path):
+    import numpy as np
+    import pytest
+
+    from agent.config import config_from
+
+    cache = config_from().cache_dir
+    synth = Synthesizer(cache)
+    if not synth.available("piper:joe"):
+        pytest.skip("the Piper voice is not provisioned")
+    text = read_texts()[0]
+    # Piper samples noise: the same text twice is not the same audio.
+    assert not np.array_equal(synth.speak(text, "piper:joe"), synth.speak(text, "piper:joe"))
+    first = asr_test_set(cache, limit=2, store=tmp_path)
+    again = asr_test_set(cache, limit=2, store=tmp_path)
+    assert first[0].voice == "piper:joe" and len(list(tmp_path.glob("*.wav"))) == 2
+    for a, b in zip(first, again):
+        assert a.text == b.text and np.array_equal(a.audio, b.audio)
