@@ -228,10 +228,9 @@ class Session:
         self._agent_audio_end = 0.0
         self._gain = self._gain_target = 1.0
         self._tail: np.ndarray | None = None  # a fade-out still to play after a stop
-        self._barge_in_pending = False  # the last interruption's user speech is not yet transcribed
-        # The reply the last interruption cut off: its groups heard whole, and the rest
-        # from the group it cut. Kept until the cut-in is known to hold words: if it
-        # proves empty, the rest is said.
+        # The reply the last interruption cut off (its groups heard whole, and the rest
+        # from the group it cut), while that cut-in's speech is not yet transcribed: if
+        # it proves empty, the rest is said.
         self._cut_off: tuple[str, str] | None = None
         self._holding = False  # the voice is held for a cut-in: nothing is played, nothing is lost
         self._hold_faded = False  # ... and the fade to silence has gone out
@@ -753,13 +752,11 @@ class Session:
         if is_hallucination(transcript):
             if reply.confirmed:
                 self.emit(TranscriptRejected(self.now, transcript.text, "no speech"))
-            if self._barge_in_pending:
+            if self._cut_off is not None:
                 self.stats.false_stops += 1
-            self._barge_in_pending = False
             self._finish_reply(reply, interrupted=False)
             self._resume_cut_off()
             return
-        self._barge_in_pending = False
         self._cut_off = None  # the cut-in had words: it is answered, not talked over
         self._note_voice_level(reply.audio)  # words answered: this is the user's voice
         reply.user_text = transcript.text
@@ -870,7 +867,6 @@ class Session:
             stop_t += real / SAMPLE_RATE
         self.stats.interruptions += 1
         self.stats.stop_latencies.append(stop_t - self._user_onset)
-        self._barge_in_pending = True
         spoken = reply.decoder.spoken_text if reply.decoder else []
         self._cut_off = (" ".join(reply.played_groups), " ".join(spoken[len(reply.played_groups):]))
         self._decide_as("interrupt", probs)
