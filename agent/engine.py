@@ -72,7 +72,7 @@ def load_tts(config: Config, piper_dir=None) -> TTSBackend:
         return CosyVoice2TTS(config.tts_model_dir, speaker=config.tts_speaker or None)
     from tts.piper import PiperTTS
 
-    return PiperTTS(piper_dir, config.tts_threads)
+    return PiperTTS(piper_dir, config.tts_threads, config.tts_first_threads)
 
 
 def load_head(config: Config):

@@ -86,6 +86,7 @@ HUM_LETTERS = frozenset("mhnu")  # "mm", "hmm", "mhm", "uh-huh", "nn": voice wit
 # A reject on less voice than this while the user is still talking waits for more
 # (the first syllables of "Wait, stop" come out as "W-s", which the head rejects).
 REJECT_RELEASE_MS = 480
+FIRST_GROUP_WAIT_S = 0.5  # the most the LLM waits for the first group's synthesis (~0.1 s)
 
 
 def frame_levels_db(audio: np.ndarray) -> np.ndarray:
@@ -781,13 +782,29 @@ class Session:
         t0 = time.monotonic()
         reply.prefill_tokens += llm.extend(self.cache, llm.prompt_ids(messages))
         pieces = []
-        for piece in llm.generate(self.cache, self.config.max_new_tokens, reply.cancel, self.config.temperature):
+        def alone() -> bool:  # the voice waits for its first group: nothing else to compute
+            return not reply.decoder.spoken_text
+
+        for piece in llm.generate(self.cache, self.config.max_new_tokens, reply.cancel, self.config.temperature,
+                                  alone=alone):
             if not pieces:
                 reply.llm_first_token_ms = (time.monotonic() - t0) * 1000
             pieces.append(piece)
             reply.decoder.feed(piece)
             self.engine.model_worker.yield_point()  # listening work must not wait for the whole reply
+            self._await_first_group(reply.decoder)
         reply.generated = "".join(pieces).strip()
+
+    def _await_first_group(self, decoder: SpeechDecoder) -> None:
+        """Model thread: while the reply's first group is synthesized (the audio
+        everyone waits for; the voice may take every core for it), the next
+        tokens wait: they are not needed before that group has played. Urgent
+        listening work still runs."""
+        if not decoder.spoken_text or decoder.first_done.is_set():
+            return
+        deadline = time.monotonic() + FIRST_GROUP_WAIT_S
+        while not decoder.first_done.wait(0.02) and time.monotonic() < deadline:
+            self.engine.model_worker.yield_point()
 
     def _on_audio(self, reply: Reply, audio: np.ndarray, text: str) -> None:
         if reply is not self._reply or reply.cancel.is_set():

@@ -47,6 +47,7 @@ class SpeechDecoder:
         self._lock = threading.Lock()
         self._queued_chars = 0  # text sent to the voice whose audio has not come back
         self.cancelled = threading.Event()
+        self.first_done = threading.Event()  # the first group is synthesized (or never will be)
         self.spoken_text: list[str] = []  # normalised groups sent to the voice, in order
         self.done: asyncio.Future = loop.create_future()
         self._job = loop.run_in_executor(executor, self._synthesize)
@@ -85,6 +86,7 @@ class SpeechDecoder:
     # -- any thread --
     def cancel(self) -> None:
         self.cancelled.set()
+        self.first_done.set()
         self._groups.put(_END)  # wake the TTS worker if it waits for text
 
     # -- the TTS worker thread --
@@ -95,11 +97,16 @@ class SpeechDecoder:
             yield g
 
     def _synthesize(self) -> None:
-        for piece in self._tts.stream(self._texts(), self.cancelled):
-            if self.cancelled.is_set():
-                return
-            audio = resample(piece.audio, self._tts.sample_rate, SAMPLE_RATE)
-            self._loop.call_soon_threadsafe(self._deliver, audio, piece.text)
+        try:
+            for piece in self._tts.stream(self._texts(), self.cancelled):
+                if self.cancelled.is_set():
+                    return
+                audio = resample(piece.audio, self._tts.sample_rate, SAMPLE_RATE)
+                self._loop.call_soon_threadsafe(self._deliver, audio, piece.text)
+                if piece.text:
+                    self.first_done.set()
+        finally:
+            self.first_done.set()
 
     def _deliver(self, audio: np.ndarray, text: str) -> None:
         if text:

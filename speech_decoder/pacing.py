@@ -17,6 +17,12 @@ import re
 from dataclasses import dataclass
 
 _SENTENCE_END = re.compile(r"[.!?]+[\"')\]]*(?=\s)")
+# A sentence end at the very end of the text so far, ended without waiting for the
+# next token (a token's decoding, ~40 ms, on the path to the first audio): "!" or
+# "?", or a period after a word of letters; not after a digit ("3." may be 3.5),
+# an initial ("U.S.") or a title ("Dr.").
+_SENTENCE_END_NOW = re.compile(r"(?:[!?]+|(?<=[^\W\d_]{2})\.)$")
+_ABBREVIATIONS = frozenset("mr mrs ms dr st jr sr vs prof approx".split())
 _CLAUSE_END = re.compile(r"[,;:]+(?=\s)|\s[-–—]+(?=\s)")
 
 
@@ -25,14 +31,23 @@ _CLAUSE_END = re.compile(r"[,;:]+(?=\s)|\s[-–—]+(?=\s)")
 # degrees"), which is where a speaker would take a breath anyway.
 _PHRASE_STARTS = frozenset("""is are was were has have had can could will would should may might must
 of in on at for with to from by about into and but or so because which that who when where if than""".split())
+# ... but not right after a word that cannot end one ("In an hour, there | are 60
+# minutes": the cut would leave the subject's placeholder hanging).
+_NO_CUT_AFTER = frozenset("there here it this that these those they he she we you i what which who".split())
 
 
 @dataclass(frozen=True)
 class Pacing:
     first_min_chars: int = 12  # first group: release at a clause mark once this long
-    first_phrase_words: int = 5  # ... or before a phrase start once this many words (0: off)
+    first_phrase_words: int = 4  # ... or before a phrase start once this many words (0: off)
     min_chars: int = 40  # later groups: merge short clauses up to this length
     max_chars: int = 160  # never hold more than this without a break
+
+
+def _after_title(text: str, i: int) -> bool:
+    """The period at ``text[i]`` ends an title or abbreviation ("Dr.", "vs."), not a sentence."""
+    words = text[:i].split()
+    return text[i] == "." and bool(words) and words[-1].lower() in _ABBREVIATIONS
 
 
 class ClauseGrouper:
@@ -48,12 +63,15 @@ class ClauseGrouper:
     def _cut(self) -> int | None:
         """Index just after the best place to end the next group, or None to wait."""
         buf = self._buf
-        for m in _SENTENCE_END.finditer(buf):
+        ends = [m.end() for m in _SENTENCE_END.finditer(buf) if not _after_title(buf, m.start())]
+        if _SENTENCE_END_NOW.search(buf) and not _after_title(buf, len(buf) - 1):
+            ends.append(len(buf))
+        for end in ends:
             # A first sentence shorter than a first group ("Sure!") waits for what
             # follows: voiced alone it is over before the next group is ready, and the
             # reply starts with a hole (measured over WebRTC: "Sure!", then 1.9 s of silence).
-            if self._groups_out or m.end() >= self.pacing.first_min_chars:
-                return m.end()
+            if self._groups_out or end >= self.pacing.first_min_chars:
+                return end
         best = None
         for m in _CLAUSE_END.finditer(buf):
             if m.end() >= self._min():
@@ -71,7 +89,8 @@ class ClauseGrouper:
         that word is complete (a space after it)."""
         words = list(re.finditer(r"\S+(?=\s)", self._buf))
         for i, m in enumerate(words):
-            if i >= self.pacing.first_phrase_words and m.group().lower() in _PHRASE_STARTS:
+            if (i >= self.pacing.first_phrase_words and m.group().lower() in _PHRASE_STARTS
+                    and words[i - 1].group().lower().strip(",;:") not in _NO_CUT_AFTER):
                 return m.start()
         return None
 

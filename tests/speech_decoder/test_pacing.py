@@ -9,10 +9,20 @@ def feed(text: str, grouper: ClauseGrouper, step: int = 3) -> list[str]:
     return out + grouper.flush()
 
 
-def test_sentences_are_released_as_soon_as_they_end():
+def test_a_sentence_is_released_as_soon_as_its_end_is_generated():
     g = ClauseGrouper()
-    assert g.push("The capital of France is Paris.") == []  # the period might be a decimal point
-    assert g.push(" It") == ["The capital of France is Paris."]
+    assert g.push("The capital of France is Paris.") == ["The capital of France is Paris."]
+    assert g.push(" Is it big?") == ["Is it big?"]
+
+
+def test_a_period_that_may_not_end_the_sentence_waits_for_the_next_token():
+    g = ClauseGrouper()
+    assert g.push("The answer is 3.") == []  # a decimal point: 3.5
+    assert g.push("5 exactly. ") == ["The answer is 3.5 exactly."]
+    assert g.push("Ask Dr.") == []  # a title
+    assert g.push(" Lee, she knows.") == ["Ask Dr. Lee, she knows."]
+    assert g.push("It is in the U.S.") == []  # an initial
+    assert g.push(" Yes") == ["It is in the U.S."]
 
 
 def test_the_first_group_is_cut_at_an_early_clause_mark():
@@ -54,6 +64,12 @@ def test_a_long_first_sentence_without_a_comma_is_voiced_from_its_first_phrase()
     groups = feed("The boiling point of water is 100 degrees Celsius at sea level.", ClauseGrouper())
     assert groups[0] == "The boiling point of water"  # cut before "is", where a speaker breathes
     assert " ".join(groups) == "The boiling point of water is 100 degrees Celsius at sea level."
+
+
+def test_a_first_phrase_is_not_cut_after_a_placeholder_subject():
+    groups = feed("In an hour, there are sixty minutes and many seconds.", ClauseGrouper())
+    assert groups[0] != "In an hour, there"
+    assert " ".join(groups) == "In an hour, there are sixty minutes and many seconds."
 
 
 def test_a_short_first_sentence_stays_whole_and_later_sentences_are_not_cut_at_phrases():
