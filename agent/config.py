@@ -51,6 +51,7 @@ class Config:
     endpoint_silence_ms: int = field(default=400, metadata={"help": "silence that ends a user turn (with the state head while streaming: that ends a cut-in only)"})
     streaming: bool = field(default=True, metadata={"help": "transcribe while the user speaks and feed the words to the LLM as they come (else: the whole turn once it ends)"})
     speculate_ms: int = field(default=200, metadata={"help": "without streaming: silence after which the reply is computed, unplayed, before the turn is confirmed over (0: off)"})
+    statement_gap_ms: int = field(default=1000, metadata={"help": "an answer to a turn that is a statement, not a question or a request, starts only after this much of the user's silence: they may go on (0: off)"})
     max_pause_ms: int = field(default=1500, metadata={"help": "streaming with the state head: silence that ends the user's turn whatever the head says"})
     state_heads: bool = field(default=True, metadata={"help": "let the learned state head judge the end of each user turn and every cut-in (else: silence ends a turn, any cut-in of barge_in_ms stops the agent)"})
     barge_in_ms: int = field(default=400, metadata={"help": "without the state head: user speech that stops the agent mid-reply"})

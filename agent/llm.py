@@ -67,9 +67,9 @@ class DualPrecisionLinear(torch.nn.Module):
     runs it about 4x faster than bf16. Decoding multiplies one row and is bound
     by reading the weights: bf16 halves the bytes and runs about 2x faster.
     With ``keep_float32=False`` only the bf16 copy is kept and every input takes
-    it: the output head (which only ever sees the last position: see
-    ``logits_to_keep`` in ChatLLM.extend), and every layer on a CPU that
-    multiplies bf16 natively (``native_bf16``).
+    it: the output head (which only ever sees one position: see
+    ``ChatLLM.logits``), and every layer on a CPU that multiplies bf16 natively
+    (``native_bf16``).
 
     ``switch``: also keep an int8 copy (dynamic quantization, per output channel)
     for the reply's decoding. Measured on one core of this machine, one row:
@@ -214,7 +214,7 @@ class ChatLLM:
         # No output head here: most extends are listening, whose state the heads
         # read, and the head's 151k-row multiply (~25 ms on one row in bf16) is
         # done by ``logits`` for the one that precedes generation.
-        out = self.model.model(input_ids=new, past_key_values=cache.kv, use_cache=True)
+        out = self.model.base_model(input_ids=new, past_key_values=cache.kv, use_cache=True)
         states = out.last_hidden_state[0]
         cache.ids, cache.last, cache.logits = list(ids), states[-1].float(), None
         cache.hidden = states[at - keep].float()

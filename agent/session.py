@@ -15,7 +15,9 @@ States: listening -> (user turn ends) thinking -> (first audio plays) speaking
   as they come, fed into the LLM's cache, and the state head judges them. Its
   *interrupt* ends the turn (the reply then finds its prompt prefilled), its
   *reject* drops the activation (a cough, an "mm-hmm"), *continue* waits; a
-  pause of ``max_pause_ms`` ends the turn whatever the head says.
+  pause of ``max_pause_ms`` ends the turn whatever the head says (a turn with no
+  words yet ends at the endpointer's silence). The answer to a statement (not a
+  question or a request) plays only after ``statement_gap_ms`` of silence.
 - Without streaming, the endpointer's silence ends the turn and Whisper
   transcribes it whole. Speculative start: after ``speculate_ms`` of silence the
   reply is already computed, but it is only played once the turn is confirmed
@@ -77,6 +79,8 @@ CUT_IN_MIN_LOGPROB = -1.5
 # that follows (5 of 29 late stops over WebRTC, 2026-11-28). Those words go to the
 # state head; talking over "stop" costs more than holding the voice for a misheard cough.
 STOP_WORDS = re.compile(r"\W*(stop|wait|hold on|hold it|hold up|hang on)\b", re.IGNORECASE)
+# A cut-in that so far is only one of these claims the floor: its words come after a breath.
+CLAIMS = re.compile(r"\W*(actually|sorry|excuse me|hey|listen|one second|quick question)\W*", re.IGNORECASE)
 # Previous text for Whisper on a cut-in: with fillers in the prompt it spells a hum
 # as one ("M-m-", "Uh-h") instead of inventing words ("and then major"); measured
 # on the bench's flite/espeak/piper backchannels and cut-ins, the words of the
@@ -86,6 +90,17 @@ HUM_LETTERS = frozenset("mhnu")  # "mm", "hmm", "mhm", "uh-huh", "nn": voice wit
 # A reject on less voice than this while the user is still talking waits for more
 # (the first syllables of "Wait, stop" come out as "W-s", which the head rejects).
 REJECT_RELEASE_MS = 480
+# How a question or a request to the agent begins; a turn that begins otherwise ("So
+# my sister is moving next month.") is a statement, and its speaker may go on.
+# A wh-word before a subject opens a clause, not a question ("When I was a child...").
+ASKS = re.compile(r"\W*((what|how|who|whom|whose|why|where|when|which)\b(?!\W+(i|we|you|he|she|they|my|our|your)\b)|"
+                  r"(is|are|am|was|were|do|does|did|"
+                  r"can|could|will|would|should|shall|may|have|has|tell|give|show|name|explain|"
+                  r"describe|list|say|please|help|let's|let|find|define|recommend|suggest|translate)\b)",
+                  re.IGNORECASE)
+# ... after any of these openers ("Sorry, actually, how many days are in a week")
+OPENERS = re.compile(r"(\W*(sorry|actually|wait|stop|no|oh|ok|okay|so|and|but|well|hey|um|uh|then|now)\b)+",
+                     re.IGNORECASE)
 FIRST_GROUP_WAIT_S = 0.5  # the most the LLM waits for the first group's synthesis (~0.1 s)
 
 
@@ -107,6 +122,16 @@ def hum(text: str) -> bool:
     letters = "".join(tokens).lower()
     humming = sum(c in HUM_LETTERS for c in letters)
     return humming >= 2 and 3 * humming >= 2 * len(letters)
+
+
+def asks(text: str) -> bool:
+    """The user's words ask something of the agent: a question or a request (not
+    a statement, after which its speaker may go on)."""
+    text = text.strip()
+    if text.endswith("?"):
+        return True
+    opener = OPENERS.match(text)
+    return bool(ASKS.match(text[opener.end():] if opener else text))
 
 
 class State(enum.Enum):
@@ -248,6 +273,7 @@ class Session:
         self._judged_voiced_ms = 0  # voiced ms of the cut-in when it was last judged
         self._yielded = False  # the voice has held (or ducked) for the current cut-in
         self._cut_in_words = False  # the head has judged words of it (not Whisper's guesses)
+        self._claimed = False  # ... and they are an opener that claims the floor ("Actually...")
         self._ended_cut_in: tuple[np.ndarray, float] | None = None  # a cut-in that ended while judged
         self._listen_cache = PrefixCache()  # the heads' own KV cache: the reply's may be generating
         self._warming = False  # a warm-up of that cache is queued (see _warm_judge)
@@ -345,6 +371,7 @@ class Session:
             self._cut_in_id += 1
             self._judged_reject, self._judge_after_ms, self._ended_cut_in = False, 0, None
             self._judged_voiced_ms, self._yielded, self._cut_in_words = 0, False, False
+            self._claimed = False
             self._utterance = [f for t, f in self._recent if t >= ev.t - PRE_ROLL_S]
             self._levels.clear()
             for f in self._utterance:
@@ -366,8 +393,12 @@ class Session:
                 self._release("reject", "short speech while the agent speaks")
             return
         if self.config.streaming:
-            if self._turn is not None and self.engine.head is None:
-                self._decide_as("endpoint")  # no head: the endpointer's silence ends the turn
+            # No head: the endpointer's silence ends the turn. Nor does the head judge
+            # a turn with no words heard yet (a cough, a cut-in that proves a hum): it
+            # ends here too, not at max_pause_ms, and the last step's transcript settles
+            # it (a reply it cut off goes on 1.1 s sooner).
+            if self._turn is not None and (self.engine.head is None or not self._turn.text):
+                self._decide_as("endpoint")
                 self._end_turn(self._turn)
             return
         reply = self._reply
@@ -441,7 +472,7 @@ class Session:
                 return
             if voiced > self._judged_voiced_ms:
                 self._judge_cut_in()
-            elif self._holding:
+            elif self._holding and not self._claimed:
                 self._release("release", "")
             return
         if self._judging:
@@ -570,6 +601,18 @@ class Session:
         ended, self._ended_cut_in = self._ended_cut_in, None
         if cut_in != self._cut_in_id or self.state is not State.SPEAKING or self._reply is None:
             return  # a newer cut-in, or the agent has already stopped
+        if label == "interrupt" and self._distant():
+            # Its level proved it somebody else while it was judged (over WebRTC a
+            # judgment begun before that stopped the voice for side talk, 2026-11-28).
+            label = "reject"
+        if label != "interrupt" and ended is None and CLAIMS.fullmatch(text):
+            # "Actually..." and a breath: the words follow. The voice stays held (until
+            # they come, or the endpointer's silence ends the cut-in); two of 28
+            # cut-ins over WebRTC that opened so were talked over for 1.5-2.1 s.
+            self._claimed = self._cut_in_words = True
+            self._judged_reject, self._judge_after_ms = False, voiced_ms + self.config.chunk_ms
+            self._decide_as("continue", probs)
+            return
         if label == "interrupt":
             self._interrupt(probs)
             if ended is not None:  # the cut-in is over: answer it now
@@ -838,6 +881,8 @@ class Session:
                 self._hold_faded = True
                 self._hold_t = min(self._agent_audio_end, self.now + n / SAMPLE_RATE) + len(fade) / SAMPLE_RATE
             return out
+        if reply.agent_start is None and self._waits_for_more(reply):
+            return np.zeros(n, np.float32)
         out, real, groups, tail = self._outbox.pop(n)
         if groups:
             reply.played_groups.extend(groups)
@@ -911,6 +956,18 @@ class Session:
         self._outbox.clear()
         self._gain = self._gain_target = 1.0
         self._holding = False
+
+    def _waits_for_more(self, reply: Reply) -> bool:
+        """An answer to a statement waits until the user has been silent
+        ``statement_gap_ms``: after "I have a job interview on Thursday." a listener
+        leaves room for more (over WebRTC, 7 of 30 long turns with pauses heard the
+        agent start in a pause of 0.5-1 s once it answered in about 1 s; 2026-11-28).
+        A question or a request is answered as soon as the reply is ready."""
+        gap = self.config.statement_gap_ms
+        text = reply.user_text.strip()
+        if not gap or reply.turn is None or not text or asks(text):
+            return False
+        return self._silence_ms() < gap
 
     def _drop_reply(self, rejoin: bool) -> None:
         """Forget a reply the user talked over before it played; with ``rejoin``

@@ -77,6 +77,20 @@ def test_a_cough_or_a_door_slam_starts_no_reply_and_stops_none(noises):
     assert min(e["t"] for e in ev if e["type"] == "agent_speech_start") > question
 
 
+def test_a_wordless_sound_is_settled_as_it_ends_not_after_the_longest_pause(noises, engine):
+    """A sound with no words gives the head nothing to judge; its turn ends with the
+    endpointer's silence, well before ``max_pause_ms`` (1.5 s) would end it."""
+    out, summary = noises
+    ev = events_of(out)
+    question = summary["user_utterance_starts"][2]
+    ends = [e["t"] for e in ev if e["type"] == "user_speech_end" and e["t"] < question]
+    rejected = [e["t"] for e in ev if e["type"] == "transcript_rejected"]
+    assert ends
+    for end in ends:
+        assert any(end < t <= end + 1.0 for t in rejected), (end, rejected)
+    assert engine.config.max_pause_ms >= 1500
+
+
 @pytest.fixture(scope="module")
 def distant(engine, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("distant")
@@ -107,6 +121,28 @@ def test_whispers_spelling_of_a_hum_is_not_words():
     assert not hum("Wait") and not hum("Mm, wait.") and not hum("No, no.") and not hum("")
     assert hum("M-m-h-n-s")
     assert not hum("W-") and not hum("N.") and not hum("W-s")  # perhaps the start of a word
+
+
+def test_an_opener_alone_claims_the_floor_and_a_backchannel_does_not():
+    from agent.session import CLAIMS
+
+    for text in ("Actually.", "Actually...", "Sorry,", "Excuse me", "Hey!"):
+        assert CLAIMS.fullmatch(text), text
+    for text in ("I see.", "Right.", "Mm-hmm", "Actually, what is the tallest animal?"):
+        assert not CLAIMS.fullmatch(text), text
+
+
+def test_questions_and_requests_are_told_from_statements():
+    from agent.session import asks
+
+    for text in ("What is the capital of France", "Is it a fruit or a vegetable.", "Tell me a fun fact.",
+                 "Sorry, actually, how many days are in a week", "Stop, stop. What is the capital of Italy",
+                 "You did what?"):
+        assert asks(text), text
+    for text in ("So my sister is moving to a new city next month.", "I have a job interview on Thursday.",
+                 "When I was a child my grandmother used to make apple cake.",
+                 "And I would love to bake it again.", "Okay."):
+        assert not asks(text), text
 
 
 def test_a_guessed_word_for_stop_is_still_words():
