@@ -605,14 +605,12 @@ class Session:
             # Its level proved it somebody else while it was judged (over WebRTC a
             # judgment begun before that stopped the voice for side talk, 2026-11-28).
             label = "reject"
-        if label != "interrupt" and ended is None and CLAIMS.fullmatch(text):
+        claims = label != "interrupt" and ended is None and bool(CLAIMS.fullmatch(text))
+        if claims:
             # "Actually..." and a breath: the words follow. The voice stays held (until
             # they come, or the endpointer's silence ends the cut-in); two of 28
             # cut-ins over WebRTC that opened so were talked over for 1.5-2.1 s.
-            self._claimed = self._cut_in_words = True
-            self._judged_reject, self._judge_after_ms = False, voiced_ms + self.config.chunk_ms
-            self._decide_as("continue", probs)
-            return
+            label, self._claimed = "continue", True
         if label == "interrupt":
             self._interrupt(probs)
             if ended is not None:  # the cut-in is over: answer it now
@@ -623,7 +621,7 @@ class Session:
                     self._start_reply(np.concatenate(self._held + [ended[0]]), ended[1], confirmed=True)
                     self._held = []
             return
-        self._cut_in_words = self._cut_in_words or probs is not None
+        self._cut_in_words = self._cut_in_words or probs is not None or claims
         # Judged again as it grows, whatever the verdict: a reject on its first
         # syllables ("W-s") must not decide what the whole cut-in was.
         self._judged_reject = label == "reject"
@@ -634,7 +632,7 @@ class Session:
             self._release("hum", "a hum: the voice goes on", text=text)  # and the cut-in is still judged
         elif label == "reject" and ended is None and not paused and voiced_ms < REJECT_RELEASE_MS:
             self._decide_as(label, probs)  # a syllable or two: too little to give the floor back on
-        elif label in ("reject", "hum") or ended is not None or paused:
+        elif label in ("reject", "hum") or ended is not None or (paused and not claims):
             # Not for the agent, or over (or paused) without claiming the floor: go on.
             self._release(label, f"state head: {label} while the agent speaks", probs, text)
         else:

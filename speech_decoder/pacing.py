@@ -45,7 +45,7 @@ class Pacing:
 
 
 def _after_title(text: str, i: int) -> bool:
-    """The period at ``text[i]`` ends an title or abbreviation ("Dr.", "vs."), not a sentence."""
+    """The period at ``text[i]`` ends a title or abbreviation ("Dr.", "vs."), not a sentence."""
     words = text[:i].split()
     return text[i] == "." and bool(words) and words[-1].lower() in _ABBREVIATIONS
 
