@@ -35,6 +35,7 @@ def default_cache_dir() -> Path:
 class Config:
     cache_dir: Path = field(default_factory=default_cache_dir, metadata={"help": "model cache directory"})
     chunk_ms: int = field(default=160, metadata={"help": "engine chunk (clock tick) length, 80-320 ms"})
+    io_ms: int = field(default=20, metadata={"help": "audio handed to the session and back per call, a multiple of 20 ms that divides chunk_ms: a cut-in holds the voice, and a reply starts, within this much (decisions stay on the chunk clock)"})
     asr_model: str = field(default="tiny.en", metadata={"help": "Whisper model: tiny.en or base"})
     asr_int8: bool = field(default=True, metadata={"help": "Whisper's linear layers in int8 (dynamic quantization): streaming steps about a third cheaper, WER in docs/BENCHMARKS.md (false: float32)"})
     language: str = field(default="en", metadata={"help": "speech language for the multilingual Whisper"})
@@ -56,7 +57,7 @@ class Config:
     state_heads: bool = field(default=True, metadata={"help": "let the learned state head judge the end of each user turn and every cut-in (else: silence ends a turn, any cut-in of barge_in_ms stops the agent)"})
     barge_in_ms: int = field(default=400, metadata={"help": "without the state head: user speech that stops the agent mid-reply"})
     cut_in: str = field(default="hold", metadata={"help": "the agent's voice when the user starts talking over it: hold (pause at once, go on where it stopped if the head rejects the cut-in) or duck (12 dB lower until judged)"})
-    cut_in_judge_ms: int = field(default=200, metadata={"help": "voiced ms of a cut-in before the state head first judges it"})
+    cut_in_judge_ms: int = field(default=280, metadata={"help": "voiced ms of a cut-in before the state head first judges it (judged by the step; 200 judged at the chunk's end was 200-360)"})
     hold_max_ms: int = field(default=1500, metadata={"help": "a held voice gives way to a cut-in still talking after this long that the head has not rejected"})
     distant_db: float = field(default=5.0, metadata={"help": "speech this many dB below the user's own voice (measured on the turns answered) is someone else: no hold, no turn (0: off)"})
     max_history_turns: int = field(default=8, metadata={"help": "conversation turns kept for the LLM"})
@@ -67,6 +68,9 @@ class Config:
     def __post_init__(self) -> None:
         if not 80 <= self.chunk_ms <= 320 or self.chunk_ms % VAD_FRAME_MS:
             raise ValueError(f"chunk_ms must be a multiple of {VAD_FRAME_MS} in 80..320, got {self.chunk_ms}")
+        if self.io_ms <= 0 or self.io_ms % VAD_FRAME_MS or self.chunk_ms % self.io_ms:
+            raise ValueError(f"io_ms must be a multiple of {VAD_FRAME_MS} that divides chunk_ms ({self.chunk_ms}), "
+                             f"got {self.io_ms}")
         if self.asr_model not in ("tiny.en", "base"):
             raise ValueError(f"asr_model must be 'tiny.en' or 'base', got {self.asr_model!r}")
         if self.llm not in ("qwen2.5-0.5b", "smollm2-135m"):
@@ -87,6 +91,10 @@ class Config:
     @property
     def chunk_samples(self) -> int:
         return SAMPLE_RATE * self.chunk_ms // 1000
+
+    @property
+    def io_samples(self) -> int:
+        return SAMPLE_RATE * self.io_ms // 1000
 
 
 def _parse(kind: type, text: str):

@@ -1,8 +1,12 @@
 """One conversation: its state machine, history and output, driven chunk by chunk.
 
-A transport calls ``step(user_chunk)`` once per clock tick (agent/clock.py) with
-the user's audio for media time [now, now + T) and gets back exactly one agent
-chunk, to be played over the next tick. ``step`` only does bookkeeping:
+A transport calls ``step(user_audio)`` with the user's audio for media time
+[now, now + n) and gets back n samples of the agent's, to be played over the
+next n: one chunk T per call (agent/clock.py), or ``io_ms`` at a time (one 20 ms
+frame by default), so that a cut-in is held, judged and let go, and a reply
+starts, within a frame instead of a chunk. While the agent is silent, the turn
+is heard once per chunk (and once more as soon as the user falls silent).
+``step`` only does bookkeeping:
 endpointing, deciding, and starting or cancelling a reply. The reply itself
 (Whisper, the LLM, the voice) runs in the engine's worker threads and drops its
 audio into the outbox; a tick takes whatever audio is ready and plays silence
@@ -49,7 +53,7 @@ from typing import Callable
 
 import numpy as np
 
-from agent.clock import TickRecord, Timeline, rms
+from agent.clock import TickRecord, Timeline
 from agent.config import SAMPLE_RATE
 from agent.engine import Engine
 from agent.events import (AgentSpeechEnd, AgentSpeechStart, AgentText, Decision, Event, PartialTranscript,
@@ -59,6 +63,7 @@ from agent.llm import PrefixCache
 from agent.turn import UserTurn
 from speech_decoder.decoder import SpeechDecoder
 from speech_encoder.asr import Transcript, is_hallucination
+from speech_encoder.streaming import StreamingOptions
 from speech_encoder.vad import FRAME_SAMPLES, Endpointer, VadEvent
 
 log = logging.getLogger(__name__)
@@ -90,6 +95,9 @@ HUM_LETTERS = frozenset("mhnu")  # "mm", "hmm", "mhm", "uh-huh", "nn": voice wit
 # A reject on less voice than this while the user is still talking waits for more
 # (the first syllables of "Wait, stop" come out as "W-s", which the head rejects).
 REJECT_RELEASE_MS = 480
+# ... and so does an interrupt less sure than this (a flite "mm-hmm" and "uh-huh" were
+# judged interrupt at 0.69-0.70 on their first 200-300 ms, cut-ins 0.57-1.0).
+SURE_INTERRUPT = 0.8
 # How a question or a request to the agent begins; a turn that begins otherwise ("So
 # my sister is moving next month.") is a statement, and its speaker may go on.
 # A wh-word before a subject opens a clause, not a question ("When I was a child...").
@@ -101,6 +109,20 @@ ASKS = re.compile(r"\W*((what|how|who|whom|whose|why|where|when|which)\b(?!\W+(i
 # ... after any of these openers ("Sorry, actually, how many days are in a week")
 OPENERS = re.compile(r"(\W*(sorry|actually|wait|stop|no|oh|ok|okay|so|and|but|well|hey|um|uh|then|now)\b)+",
                      re.IGNORECASE)
+# Frames of voice a cut-in's level is first guessed on, to hold the voice at once
+# (the full rule waits for 10).
+EARLY_LEVEL_FRAMES = 4
+# Voiced frames (of the endpointer's last 10) that hold the voice before they open a
+# cut-in (5): a stop 40 ms sooner; a click or a cough that stays below it holds nothing.
+HOLD_ONSET_FRAMES = 3
+# The first frames of a word are softer than the voice: a guess on them calls it
+# somebody else's only this much further below (side talk at -15 dB still is).
+EARLY_MARGIN_DB = 6.0
+END_STEP_MS = StreamingOptions.end_step_ms  # the user's silence before the transcriber's end step
+# An opener alone ("Actually,") that ended keeps the voice held this long after it
+# for the words it announces (the endpointer ends a cut-in after 0.4 s of silence;
+# a breath after "Actually," can be longer, and the voice went on into the words).
+CLAIM_WAIT_S = 1.0
 FIRST_GROUP_WAIT_S = 0.5  # the most the LLM waits for the first group's synthesis (~0.1 s)
 
 
@@ -235,7 +257,10 @@ class Session:
         self.engine = engine
         self.config = cfg = engine.config
         self.system_prompt = system_prompt or cfg.system_prompt  # a persona may replace the default
-        self.now = 0.0  # media time at the start of the next user chunk, s
+        self.now = 0.0  # media time at the start of the next user audio, s
+        self._in_chunk = 0  # samples of the current chunk consumed so far
+        self._step_n = cfg.chunk_samples  # samples of the last step: the agent audio already handed out
+        self._tick_energy = [0.0, 0.0]  # the chunk's user and agent sums of squares (the timeline's levels)
         self.events: list[Event] = []
         self.timeline = Timeline()
         self.stats = SessionStats()
@@ -274,6 +299,7 @@ class Session:
         self._yielded = False  # the voice has held (or ducked) for the current cut-in
         self._cut_in_words = False  # the head has judged words of it (not Whisper's guesses)
         self._claimed = False  # ... and they are an opener that claims the floor ("Actually...")
+        self._claim_until: float | None = None  # ... which ended: the voice stays held until then for its words
         self._ended_cut_in: tuple[np.ndarray, float] | None = None  # a cut-in that ended while judged
         self._listen_cache = PrefixCache()  # the heads' own KV cache: the reply's may be generating
         self._warming = False  # a warm-up of that cache is queued (see _warm_judge)
@@ -330,15 +356,18 @@ class Session:
 
     # -- the tick ---------------------------------------------------------------------------------
 
-    def step(self, chunk: np.ndarray) -> np.ndarray:
-        """Consume one user chunk (float32, 16 kHz); return one agent chunk of the same length."""
-        n = self.config.chunk_samples
-        if len(chunk) != n:
-            raise ValueError(f"expected a chunk of {n} samples, got {len(chunk)}")
+    def step(self, audio: np.ndarray) -> np.ndarray:
+        """Consume user audio (float32, 16 kHz) for [now, now + n); return the agent's
+        n samples for the next n. n is a whole number of 20 ms frames within one chunk."""
+        n, chunk = len(audio), self.config.chunk_samples
+        if not n or n % FRAME_SAMPLES or self._in_chunk + n > chunk:
+            raise ValueError(f"expected 20 ms frames ({FRAME_SAMPLES} samples each) up to the chunk's end "
+                             f"({chunk - self._in_chunk} samples), got {n}")
+        self._step_n = n
         t0 = self.now
         for i in range(0, n, FRAME_SAMPLES):
             t = t0 + i / SAMPLE_RATE
-            frame = chunk[i:i + FRAME_SAMPLES]
+            frame = audio[i:i + FRAME_SAMPLES]
             self._recent.append((t, frame))
             if self._utterance is not None:
                 self._utterance.append(frame)
@@ -347,13 +376,25 @@ class Session:
                 self._turn.frames.append(frame)
             for ev in self._endpointer.process(frame, t):
                 self._on_vad(ev)
-        self._decide()  # decisions are taken at the end of each chunk
+        self._in_chunk += n
+        self._tick_energy[0] += float(np.sum(np.square(audio)))
+        chunk_end = self._in_chunk == chunk
+        if self.state is State.SPEAKING:
+            self._cut_in_step()  # the user's voice over the agent is held, judged and let go by the step
+        elif chunk_end:
+            self._decide()  # listening: decisions are taken at the end of each chunk
+        elif self._words_just_ended(n):
+            self._listen()  # ... and once the user falls silent: the end step need not wait for it
         self.now = t0 + n / SAMPLE_RATE
         out = self._play(n)
-        self.timeline.add(TickRecord(round(t0 / (n / SAMPLE_RATE)), round(t0, 4), round(rms(chunk), 5),
-                                     round(rms(out), 5), self.state.value, ",".join(self._decisions),
-                                     self._text_in_flight()))
-        self._decisions = []
+        self._tick_energy[1] += float(np.sum(np.square(out)))
+        if chunk_end:
+            c0 = self.now - chunk / SAMPLE_RATE
+            user_rms, agent_rms = (float(np.sqrt(e / chunk)) for e in self._tick_energy)
+            self.timeline.add(TickRecord(round(c0 / (chunk / SAMPLE_RATE)), round(c0, 4), round(user_rms, 5),
+                                         round(agent_rms, 5), self.state.value, ",".join(self._decisions),
+                                         self._text_in_flight()))
+            self._decisions, self._in_chunk, self._tick_energy = [], 0, [0.0, 0.0]
         return out
 
     @property
@@ -371,12 +412,12 @@ class Session:
             self._cut_in_id += 1
             self._judged_reject, self._judge_after_ms, self._ended_cut_in = False, 0, None
             self._judged_voiced_ms, self._yielded, self._cut_in_words = 0, False, False
-            self._claimed = False
+            self._claimed, self._claim_until = False, None
             self._utterance = [f for t, f in self._recent if t >= ev.t - PRE_ROLL_S]
             self._levels.clear()
             for f in self._utterance:
                 self._add_level(f)
-            # While speaking, the voice holds at the end of this chunk (_cut_in_step),
+            # While speaking, the voice holds from the next step out (_cut_in_step),
             # unless it is somebody else. Before the reply plays, the user was not
             # done: drop it and keep listening to the whole turn.
             if self.state is not State.SPEAKING and self._reply is not None and not self._distant():
@@ -388,8 +429,10 @@ class Session:
             self._ended_cut_in = (np.concatenate(frames), ev.t)  # the verdict decides what it was
             return
         if self.state is State.SPEAKING:
-            # Too short to be a barge-in, or judged not meant for the agent: it goes on.
-            if self._yielding:
+            if self._claimed and self._holding:
+                self._claim_until = ev.t + CLAIM_WAIT_S  # "Actually," and a breath: the words come
+            elif self._yielding:
+                # Too short to be a barge-in, or judged not meant for the agent: it goes on.
                 self._release("reject", "short speech while the agent speaks")
             return
         if self.config.streaming:
@@ -414,11 +457,9 @@ class Session:
         self._start_reply(audio, ev.t, confirmed=True)
 
     def _decide(self) -> None:
-        """End of chunk: barge-in, and speculative start during a pause."""
+        """End of a chunk while the agent is silent: the turn heard, or (without
+        streaming) a speculative start during a pause."""
         ep = self._endpointer
-        if self.state is State.SPEAKING:
-            self._cut_in_step()
-            return
         if self.config.streaming:
             self._listen()
             return
@@ -441,10 +482,11 @@ class Session:
     # -- judging a cut-in while the agent speaks (the state head) ---------------------------------
 
     def _cut_in_step(self) -> None:
-        """End of a chunk while the agent speaks: hold, judge, give way or go on."""
+        """Each step while the agent speaks: hold, judge, give way or go on."""
         ep = self._endpointer
         if self._utterance is None:
-            return  # no cut-in in progress (one that ended was settled in _on_vad)
+            self._before_cut_in()  # (one that ended was settled in _on_vad or by its verdict)
+            return
         voiced = ep.voiced_ms_in_turn
         if self.engine.head is None:
             if voiced >= self.config.barge_in_ms:
@@ -454,8 +496,9 @@ class Session:
             if self._yielding:
                 self._release("reject", "quieter than the user's voice: not addressed to the agent")
             return
-        if not (self._yielded or self._judged_reject):
-            self._yield_voice()  # it got loud enough to be the user
+        if not (self._yielded or self._judged_reject) and not (
+                self.config.cut_in == "hold" and self._distant(min_frames=EARLY_LEVEL_FRAMES)):
+            self._yield_voice()  # loud enough to be the user, by a first guess
         held_ms = (self.now - self._hold_t) * 1000 if self._holding else 0.0
         if ep.silence_ms == 0 and not self._judged_reject and (
                 held_ms >= self.config.hold_max_ms or self._cut_in_words and voiced >= self.config.hold_max_ms):
@@ -480,6 +523,24 @@ class Session:
         if voiced >= max(self.config.cut_in_judge_ms, self._judge_after_ms):
             self._judge_cut_in()
 
+    def _before_cut_in(self) -> None:
+        """A step with no cut-in open: an opener waiting for its words, or the first
+        voiced frames of one. From HOLD_ONSET_FRAMES of them on, before the
+        endpointer opens the cut-in (5), the voice holds unless they are clearly
+        somebody else's; if they do not become speech, it goes on."""
+        ep = self._endpointer
+        if self._claim_until is not None:
+            if self.now >= self._claim_until and self._holding:
+                self._release("release", "an opener, and no words after it")
+        elif self._holding:
+            if not self._judging and self._ended_cut_in is None and ep.onset_frames < HOLD_ONSET_FRAMES:
+                self._release("release", "")
+        elif (self.engine.head is not None and self.config.cut_in == "hold"
+              and ep.onset_frames >= HOLD_ONSET_FRAMES):
+            onset = [f for _, f in list(self._recent)[-2 * HOLD_ONSET_FRAMES:]]
+            if not self._distant(HOLD_ONSET_FRAMES, frame_levels_db(np.concatenate(onset))):
+                self._yield_voice()
+
     @property
     def _yielding(self) -> bool:
         """The voice is held or ducked for a cut-in."""
@@ -489,8 +550,9 @@ class Session:
         """The user may be cutting in: hold the voice (or duck it) until it is judged."""
         self._yielded = True
         if self.config.cut_in == "hold":
-            self._holding, self._hold_faded = True, False
-            self._hold_t = self.now + self.config.chunk_samples / SAMPLE_RATE  # refined when the fade goes out
+            if not self._holding:  # (still held for an opener: the fade has gone out)
+                self._holding, self._hold_faded = True, False
+                self._hold_t = self.now + self._step_n / SAMPLE_RATE  # refined when the fade goes out
             self._decide_as("hold")
         else:
             self._gain_target = DUCK_GAIN
@@ -498,6 +560,7 @@ class Session:
 
     def _release(self, decision: str, why: str, probs: dict | None = None, text: str = "") -> None:
         """The cut-in was not for the agent: its voice goes on from where it held."""
+        self._claim_until = None
         if self._holding:
             self._holding = False
             self._gain = 0.0  # ramps back up from silence
@@ -509,17 +572,23 @@ class Session:
     def _add_level(self, frame: np.ndarray) -> None:
         self._levels.extend(frame_levels_db(frame))
 
-    def _distant(self) -> bool:
+    def _distant(self, min_frames: int = 10, levels=None) -> bool:
         """The current activation is well below the user's voice: somebody else.
 
         Levels are the 90th percentile of 20 ms frame levels (the loud part of
         the speech, not its gaps); the user's voice is the median over the last
         turns answered. No turn answered yet, or under 200 ms of voice to go by (a
-        soft first syllable is not a quiet speaker): nobody is distant."""
-        if not self.config.distant_db or not self._voice_levels or len(self._levels) < 10:
+        soft first syllable is not a quiet speaker): nobody is distant. With
+        ``min_frames`` fewer, a first guess: quiet so far, by EARLY_MARGIN_DB more
+        (of ``levels``, those frames', if given)."""
+        levels = self._levels if levels is None else levels
+        if not self.config.distant_db or not self._voice_levels:
             return False
-        level = float(np.percentile(self._levels, 90))
-        return level < float(np.median(self._voice_levels)) - self.config.distant_db
+        if len(levels) < min_frames:
+            return min_frames < 10  # a guess waits for its frames; the full rule gives the benefit of doubt
+        level = float(np.percentile(levels, 90))
+        margin = self.config.distant_db + (EARLY_MARGIN_DB if min_frames < 10 else 0.0)
+        return level < float(np.median(self._voice_levels)) - margin
 
     def _note_voice_level(self, audio: np.ndarray) -> None:
         db = frame_levels_db(audio)
@@ -605,12 +674,19 @@ class Session:
             # Its level proved it somebody else while it was judged (over WebRTC a
             # judgment begun before that stopped the voice for side talk, 2026-11-28).
             label = "reject"
-        claims = label != "interrupt" and ended is None and bool(CLAIMS.fullmatch(text))
+        ep = self._endpointer
+        paused = not ep.in_speech or ep.silence_ms >= CUT_IN_PAUSE_MS
+        if (label == "interrupt" and ended is None and not paused and voiced_ms < REJECT_RELEASE_MS
+                and probs is not None and probs["interrupt"] < SURE_INTERRUPT):
+            label = "continue"  # a syllable or two, unsure: the held voice waits for more of it
+        claims = label != "interrupt" and bool(CLAIMS.fullmatch(text))
         if claims:
             # "Actually..." and a breath: the words follow. The voice stays held (until
-            # they come, or the endpointer's silence ends the cut-in); two of 28
-            # cut-ins over WebRTC that opened so were talked over for 1.5-2.1 s.
+            # they come, or CLAIM_WAIT_S after the opener); two of 28 cut-ins over
+            # WebRTC that opened so were talked over for 1.5-2.1 s.
             label, self._claimed = "continue", True
+            if ended is not None:
+                self._claim_until = ended[1] + CLAIM_WAIT_S
         if label == "interrupt":
             self._interrupt(probs)
             if ended is not None:  # the cut-in is over: answer it now
@@ -626,13 +702,11 @@ class Session:
         # syllables ("W-s") must not decide what the whole cut-in was.
         self._judged_reject = label == "reject"
         self._judge_after_ms = voiced_ms + self.config.chunk_ms
-        ep = self._endpointer
-        paused = not ep.in_speech or ep.silence_ms >= CUT_IN_PAUSE_MS
         if label == "hum" and ended is None and not paused:
             self._release("hum", "a hum: the voice goes on", text=text)  # and the cut-in is still judged
         elif label == "reject" and ended is None and not paused and voiced_ms < REJECT_RELEASE_MS:
             self._decide_as(label, probs)  # a syllable or two: too little to give the floor back on
-        elif label in ("reject", "hum") or ended is not None or (paused and not claims):
+        elif label in ("reject", "hum") or (ended is not None or paused) and not claims:
             # Not for the agent, or over (or paused) without claiming the floor: go on.
             self._release(label, f"state head: {label} while the agent speaks", probs, text)
         else:
@@ -687,6 +761,17 @@ class Session:
         if self.engine.head is not None and self._silence_ms() >= self.config.max_pause_ms:
             self._decide_as("timeout")
             self._end_turn(turn)
+
+    def _words_just_ended(self, n: int) -> bool:
+        """Streaming, the agent silent: the user's silence reached the transcriber's
+        end step (its decode that sees the words to their end) within these n samples.
+        That step and the head's verdict on it run now, not at the chunk's end
+        (up to a chunk sooner)."""
+        ep, turn = self._endpointer, self._turn
+        if not (self.config.streaming and turn is not None and self._reply is None and ep.in_speech
+                and self.state is not State.SPEAKING):
+            return False
+        return END_STEP_MS <= ep.silence_ms < END_STEP_MS + n * 1000 // SAMPLE_RATE
 
     def _silence_ms(self) -> int:
         """Silence since the user's last voiced frame, including after the endpointer closed."""
@@ -923,7 +1008,7 @@ class Session:
             fade *= np.linspace(self._gain, 0.0, RAMP_SAMPLES, endpoint=False, dtype=np.float32)
             self._stop(reply)
             self._tail = fade[:real]
-            stop_t = min(self._agent_audio_end, self.now + self.config.chunk_samples / SAMPLE_RATE)
+            stop_t = min(self._agent_audio_end, self.now + self._step_n / SAMPLE_RATE)  # what was handed out plays
             stop_t += real / SAMPLE_RATE
         self.stats.interruptions += 1
         self.stats.stop_latencies.append(stop_t - self._user_onset)
@@ -953,7 +1038,7 @@ class Session:
             reply.decoder.cancel()
         self._outbox.clear()
         self._gain = self._gain_target = 1.0
-        self._holding = False
+        self._holding, self._claim_until = False, None
 
     def _waits_for_more(self, reply: Reply) -> bool:
         """An answer to a statement waits until the user has been silent

@@ -123,7 +123,9 @@ def score_run(scenario: Scenario, run_dir: Path, vad: score.SileroVad, asr) -> d
 def decision_delay(events_path: Path, user_end: float) -> float | None:
     """Seconds from the user's last word to the session's decision that the turn
     was over (the state head's interrupt, a timeout or the endpointer), as
-    stamped in events.jsonl (chunk-boundary media time)."""
+    stamped in events.jsonl: the media time of the session's step in which the
+    verdict came back (with 20 ms steps that includes the time Whisper and the
+    LLM took; with whole-chunk steps, before 2026-11-28 afternoon, the chunk's end)."""
     for line in events_path.read_text().splitlines():
         e = json.loads(line)
         if (e["type"] == "decision" and e["state"] == "listening" and e["t"] >= user_end - 0.05

@@ -79,6 +79,11 @@ class Endpointer:
         return []
 
     @property
+    def onset_frames(self) -> int:
+        """Out of speech: voiced frames in the window that opens a turn (it opens at start_frames)."""
+        return 0 if self.in_speech else sum(v for _, v in self._window)
+
+    @property
     def last_voiced_end(self) -> float:
         """Media time just after the last voiced frame of the current turn, s."""
         return self._last_voiced_end

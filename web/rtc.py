@@ -6,9 +6,10 @@ hangs up:
 - ``listen``: pulls the browser's audio (``await track.recv()``, Opus decoded to
   48 kHz), converts it to 16 kHz and places it on the session's media timeline
   by its RTP timestamp (``ChunkAssembler``);
-- ``tick``: the chunk clock. Tick k fires at start + (k+1)T, takes user chunk k
-  (silence where nothing arrived in time), calls ``session.step`` and queues the
-  returned agent chunk, which plays over [(k+1)T, (k+2)T);
+- ``tick``: the session's clock, one block F (``io_ms``, 20 ms) at a time. Tick
+  k fires at start + (k+1)F, takes user block k (silence where nothing arrived
+  in time), calls ``session.step`` and queues the returned agent block, which
+  plays over [(k+1)F, (k+2)F) (the session decides once per chunk of blocks);
 - ``warm-up``: prefills the system prompt on the model thread once connected.
 
 ``AgentTrack`` is the outgoing track: it paces its 20 ms frames by their media
@@ -98,11 +99,12 @@ class Call:
         self.options = options
         self.session = Session(engine, self._on_event)
         self.track = AgentTrack()
-        self.inbox = ChunkAssembler(engine.config.chunk_samples)
+        # One block per step of the session; room for 5 s of audio that comes early.
+        self.inbox = ChunkAssembler(engine.config.io_samples, max_ahead=5 * SAMPLE_RATE // engine.config.io_samples)
         self.hangup_reason = ""
         self.closed = asyncio.Event()
         self.dropped_events = 0
-        self.late_ticks = 0  # ticks that ran more than one chunk after their deadline
+        self.late_ticks = 0  # steps that ran more than one block (io_ms) after their deadline
         self.reanchors = 0  # times the user's audio was moved on the timeline (see _place)
         self._on_closed = on_closed
         self._channel: RTCDataChannel | None = None
@@ -256,20 +258,20 @@ class Call:
             t = self._anchor + start
         self.inbox.put(t, samples)
 
-    # -- the chunk clock -------------------------------------------------------------------------
+    # -- the clock -------------------------------------------------------------------------------
 
     async def _tick(self) -> None:
         loop = asyncio.get_running_loop()
-        n = self.session.config.chunk_samples
-        chunk_s = n / SAMPLE_RATE
+        n = self.session.config.io_samples
+        block_s = n / SAMPLE_RATE
         self._t0 = loop.time()
-        self.track.start(self._t0 + chunk_s)  # agent chunk k plays over [(k+1)T, (k+2)T)
+        self.track.start(self._t0 + block_s)  # agent block k plays over [(k+1)F, (k+2)F)
         if self._channel is not None:
             self._hello()
         for k in itertools.count():
-            due = self._t0 + (k + 1) * chunk_s
+            due = self._t0 + (k + 1) * block_s
             await asyncio.sleep(max(0.0, due - loop.time()))
-            if loop.time() - due > chunk_s:
+            if loop.time() - due > block_s:
                 self.late_ticks += 1
             agent = self.session.step(self.inbox.take(k))
             self.track.push(self._interpolate(agent))

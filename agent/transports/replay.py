@@ -1,9 +1,10 @@
 """Replay: recorded or scripted user audio is the microphone, paced in real time.
 
-Chunk k of the user's audio covers media time [kT, (k+1)T); it is handed to the
-session at wall time start + (k+1)T, the moment a live microphone would have
-delivered it, and the agent chunk that ``step`` returns plays over
-[(k+1)T, (k+2)T). Both tracks land on one timeline in ``conversation.wav``
+Block k of the user's audio (``io_ms`` long, a 20 ms frame by default; the
+session decides once per chunk of several) covers media time [kF, (k+1)F); it is
+handed to the session at wall time start + (k+1)F, the moment a live microphone
+would have delivered it, and the agent block that ``step`` returns plays over
+[(k+1)F, (k+2)F). Both tracks land on one timeline in ``conversation.wav``
 (left: user, right: agent).
 
 A ``UserScript`` makes the user react to the agent, as a person would: say this,
@@ -106,12 +107,12 @@ async def run_script(engine: Engine, script: UserScript, out_dir: Path,
     """Play ``script`` into a new session in real time; write the outputs to ``out_dir``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    n = engine.config.chunk_samples
+    n = engine.config.io_samples
     tick = n / SAMPLE_RATE
     session = Session(engine)
     await session.warm_up()
     clock = ChunkClock(tick)
-    user, agent = [], [np.zeros(n, np.float32)]  # the agent's chunk k plays one tick later
+    user, agent = [], [np.zeros(n, np.float32)]  # the agent's block k plays one block later
     quiet, script_end = 0, None
     try:
         while clock.k * tick < options.max_duration_s:
@@ -166,6 +167,7 @@ def summarize(session: Session, clock: ChunkClock, duration_s: float, user_start
     return {
         "duration_s": round(duration_s, 3),
         "chunk_ms": session.config.chunk_ms,
+        "io_ms": session.config.io_ms,
         "user_utterance_starts": [round(t, 3) for t in user_starts],
         "turns": turns,
         "median_latency_s": _median(answered),

@@ -9,6 +9,7 @@ def test_defaults_are_the_documented_ones():
     cfg = config_from(env={})
     assert cfg.chunk_ms == 160 and cfg.asr_model == "tiny.en" and cfg.llm == "qwen2.5-0.5b"
     assert cfg.chunk_samples == 2560
+    assert cfg.io_ms == 20 and cfg.io_samples == 320  # audio in and out one VAD frame at a time
 
 
 def test_environment_overrides_defaults_and_flags_override_environment(monkeypatch):
@@ -22,7 +23,8 @@ def test_environment_overrides_defaults_and_flags_override_environment(monkeypat
 
 
 @pytest.mark.parametrize("field,value", [("chunk_ms", 90), ("chunk_ms", 400), ("asr_model", "large"),
-                                         ("llm", "gpt"), ("vad_aggressiveness", 5)])
+                                         ("llm", "gpt"), ("vad_aggressiveness", 5),
+                                         ("io_ms", 30), ("io_ms", 60), ("io_ms", 0)])
 def test_bad_values_are_refused_with_the_field_named(field, value):
     with pytest.raises(ValueError, match=field):
         Config(**{field: value})

@@ -41,6 +41,31 @@ def backchannel(engine, tmp_path_factory):
                   Utterance(say("Yeah.", tmp, "bc"), delay=1.0, trigger="agent_start"))
 
 
+@pytest.fixture(scope="module")
+def opener(engine, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("opener")
+    breath = np.zeros(int(0.45 * SAMPLE_RATE), np.float32)  # with flite's own silences, over the endpointer's 0.4 s
+    cut_in = np.concatenate([say("Actually,", tmp, "opener"), breath, say("what is two plus two?", tmp, "q2")])
+    return replay(engine, tmp,
+                  Utterance(say("Tell me a long story about a brave knight and a dragon.", tmp, "q1"), delay=0.3),
+                  Utterance(cut_in, delay=1.5, trigger="agent_start"))
+
+
+def test_an_opener_and_a_breath_keep_the_voice_held_until_the_words_come(opener):
+    out, summary = opener
+    ev = events_of(out)
+    cut_in = summary["user_utterance_starts"][1]
+    stop = next(e["t"] for e in ev if e["type"] == "decision" and e["state"] == "speaking"
+                and e["decision"] == "interrupt")
+    # Held at "Actually," and never let go before the cut-in stopped the reply.
+    released = [e for e in ev if e["type"] == "decision" and e["state"] == "speaking"
+                and cut_in <= e["t"] <= stop and e["decision"] in ("release", "reject", "hum")]
+    assert not released, released
+    agent = agent_track(out)
+    assert np.max(np.abs(agent[int((cut_in + 0.3) * SAMPLE_RATE):int(stop * SAMPLE_RATE)])) == 0.0
+    assert any(w in summary["turns"][1]["agent_text"].lower() for w in ("four", "4"))
+
+
 def test_a_cut_in_stops_the_agent_and_the_agent_stays_silent_until_it_answers(interruption):
     out, summary = interruption
     ev = events_of(out)
@@ -84,12 +109,26 @@ def test_the_held_voice_is_silent_and_goes_on_from_where_it_held(backchannel):
     release = next(e["t"] for e in ev if e["type"] == "decision" and e["state"] == "speaking" and e["t"] > hold
                    and e["decision"] in ("continue", "reject", "release"))
     agent = agent_track(out)
-    # From the chunk after the hold (+ its 10 ms fade) to the release, nothing is played ...
-    n = summary["chunk_ms"] * SAMPLE_RATE // 1000
+    # From the block after the hold (+ its 10 ms fade) to the release, nothing is played ...
+    n = summary["io_ms"] * SAMPLE_RATE // 1000
     held = agent[int(round(hold * SAMPLE_RATE)) + 2 * n:int(round(release * SAMPLE_RATE)) + n]
     assert len(held) == 0 or np.max(np.abs(held)) == 0.0
     # ... and after it the voice comes back: the reply is played to its end.
     assert np.max(np.abs(agent[int(round(release * SAMPLE_RATE)) + n:])) > 0.05
+
+
+def test_the_voice_holds_within_frames_of_the_cut_ins_onset_not_at_its_chunks_end(backchannel):
+    out, summary = backchannel
+    ev = events_of(out)
+    hold = next(e["t"] for e in ev if e["type"] == "decision" and e["decision"] == "hold")
+    onset = max(e["t"] for e in ev if e["type"] == "user_speech_start" and e["t"] <= hold)
+    agent = agent_track(out)
+    i = int(onset * SAMPLE_RATE)
+    while np.any(agent[i:i + SAMPLE_RATE // 10]):  # the first 100 ms of silence after the onset
+        i += SAMPLE_RATE // 100
+    # The endpointer's 100 ms of voice, a few 20 ms frames to tell its level, one block
+    # handed out before it, the fade: a chunk's end (160 ms more) is not waited for.
+    assert i / SAMPLE_RATE - onset <= 0.22
 
 
 @pytest.fixture(scope="module")
@@ -110,11 +149,11 @@ def test_a_long_mm_hmm_is_judged_as_it_goes_and_ignored(long_backchannel):
     assert len(summary["turns"]) == 1
 
 
-def test_no_click_at_chunk_seams_or_around_the_hold(backchannel):
+def test_no_click_at_the_seams_of_the_blocks_handed_out_or_around_the_hold(backchannel):
     out, summary = backchannel
     agent = agent_track(out)
     jumps = np.abs(np.diff(agent))
-    n = summary["chunk_ms"] * SAMPLE_RATE // 1000
+    n = summary["io_ms"] * SAMPLE_RATE // 1000
     seams = np.arange(n, len(agent) - 1, n) - 1
     inside = np.delete(jumps, seams)
     assert jumps[seams].max() <= inside.max()
@@ -123,7 +162,8 @@ def test_no_click_at_chunk_seams_or_around_the_hold(backchannel):
 def test_each_tick_is_recorded_on_the_timeline(backchannel):
     out, summary = backchannel
     ticks = [json.loads(line) for line in (out / "timeline.jsonl").read_text().splitlines()]
-    assert len(ticks) == round(summary["duration_s"] * 1000 / summary["chunk_ms"]) - 1
+    # One record per whole chunk of user audio (the run's last, partial chunk has none).
+    assert len(ticks) == round(summary["duration_s"] * 1000 - summary["io_ms"]) // summary["chunk_ms"]
     assert {t["state"] for t in ticks} >= {"listening", "thinking", "speaking"}
     assert any(t["text"] for t in ticks if t["state"] == "speaking")
 
@@ -162,6 +202,28 @@ def test_cancelling_mid_sentence_leaves_no_llm_or_tts_work_running(engine):
     at_cancel, total, late_audio = asyncio.run(scenario())
     assert total <= at_cancel + 1 < 200  # at most the token in flight
     assert late_audio == []
+
+
+def test_a_step_takes_whole_20_ms_frames_up_to_the_chunks_end_and_gives_back_as_much(engine):
+    from agent.session import Session
+
+    async def scenario():
+        session = Session(engine)
+        frame, chunk = 320, engine.config.chunk_samples
+        with pytest.raises(ValueError, match="20 ms"):
+            session.step(np.zeros(100, np.float32))
+        outs = [session.step(np.zeros(frame, np.float32)) for _ in range(2)]
+        with pytest.raises(ValueError, match="chunk's end"):
+            session.step(np.zeros(chunk, np.float32))  # would run past the chunk's end
+        outs.append(session.step(np.zeros(chunk - 2 * frame, np.float32)))  # the rest of the chunk
+        outs.append(session.step(np.zeros(chunk, np.float32)))  # then a whole one
+        await session.close()
+        return session, outs
+
+    session, outs = asyncio.run(scenario())
+    assert [len(o) for o in outs] == [320, 320, engine.config.chunk_samples - 640, engine.config.chunk_samples]
+    assert [t.k for t in session.timeline.ticks] == [0, 1]  # one record per whole chunk
+    assert session.now == 2 * engine.config.chunk_ms / 1000
 
 
 def test_an_opening_line_is_spoken_and_kept_as_the_assistants_turn(engine, tmp_path):

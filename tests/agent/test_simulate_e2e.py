@@ -66,11 +66,14 @@ def test_the_transcript_has_both_agents_speaking_and_hearing(run):
     lines = (out / "transcript.txt").read_text().splitlines()
     assert any("] A: Hi Alex!" in line for line in lines)  # with what follows: "Hi Alex!" alone is short
     assert any("] B: " in line for line in lines)
-    first_heard = next(line for line in lines if line.startswith("[") and "(B heard)" in line)
-    # B hears A's opening through the link; Whisper may mishear a word of Piper's (random-noise) voice.
+    b_speaks = next(i for i, line in enumerate(lines) if "] B: " in line)
+    before = [line for line in lines[:b_speaks] if "(B heard)" in line]
+    # B hears A's opening through the link before it answers; Whisper may mishear a
+    # word of Piper's (random-noise) voice, and an early partial may be garbled
+    # ("Hi Alex Hi Alex" once): the words heard by the time B answers count.
     opening = set(re.findall(r"[a-z]+", "hi alex any tips for a weekend in lisbon"))
-    heard = set(re.findall(r"[a-z]+", first_heard.lower().split(")", 1)[-1]))
-    assert len(opening & heard) >= 0.6 * len(opening), first_heard
+    heard = set(re.findall(r"[a-z]+", before[-1].lower().split(")", 1)[-1]))
+    assert len(opening & heard) >= 0.6 * len(opening), before
 
 
 def test_the_floor_changes_hands_at_least_four_times(run):
