@@ -109,8 +109,10 @@ ASKS = re.compile(r"\W*((what|how|who|whom|whose|why|where|when|which)\b(?!\W+(i
 # ... after any of these openers ("Sorry, actually, how many days are in a week")
 OPENERS = re.compile(r"(\W*(sorry|actually|wait|stop|no|oh|ok|okay|so|and|but|well|hey|um|uh|then|now)\b)+",
                      re.IGNORECASE)
-# Frames of voice a cut-in's level is first guessed on, to hold the voice at once
-# (the full rule waits for 10).
+# Frames of voice (levels) the distance rule waits for; soft first syllables are
+# not a quiet speaker.
+LEVEL_FRAMES = 10
+# ... and that a first guess of it goes by, to hold the voice at once.
 EARLY_LEVEL_FRAMES = 4
 # Voiced frames (of the endpointer's last 10) that hold the voice before they open a
 # cut-in (5): a stop 40 ms sooner; a click or a cough that stays below it holds nothing.
@@ -550,7 +552,7 @@ class Session:
         """The user may be cutting in: hold the voice (or duck it) until it is judged."""
         self._yielded = True
         if self.config.cut_in == "hold":
-            if not self._holding:  # (still held for an opener: the fade has gone out)
+            if not self._holding:  # (held already, on its first frames or for an opener: the fade has gone out)
                 self._holding, self._hold_faded = True, False
                 self._hold_t = self.now + self._step_n / SAMPLE_RATE  # refined when the fade goes out
             self._decide_as("hold")
@@ -572,7 +574,7 @@ class Session:
     def _add_level(self, frame: np.ndarray) -> None:
         self._levels.extend(frame_levels_db(frame))
 
-    def _distant(self, min_frames: int = 10, levels=None) -> bool:
+    def _distant(self, min_frames: int = LEVEL_FRAMES, levels=None) -> bool:
         """The current activation is well below the user's voice: somebody else.
 
         Levels are the 90th percentile of 20 ms frame levels (the loud part of
@@ -584,10 +586,11 @@ class Session:
         levels = self._levels if levels is None else levels
         if not self.config.distant_db or not self._voice_levels:
             return False
+        guess = min_frames < LEVEL_FRAMES
         if len(levels) < min_frames:
-            return min_frames < 10  # a guess waits for its frames; the full rule gives the benefit of doubt
+            return guess  # a guess waits for its frames; the full rule gives the benefit of doubt
         level = float(np.percentile(levels, 90))
-        margin = self.config.distant_db + (EARLY_MARGIN_DB if min_frames < 10 else 0.0)
+        margin = self.config.distant_db + (EARLY_MARGIN_DB if guess else 0.0)
         return level < float(np.median(self._voice_levels)) - margin
 
     def _note_voice_level(self, audio: np.ndarray) -> None:
@@ -768,8 +771,7 @@ class Session:
         That step and the head's verdict on it run now, not at the chunk's end
         (up to a chunk sooner)."""
         ep, turn = self._endpointer, self._turn
-        if not (self.config.streaming and turn is not None and self._reply is None and ep.in_speech
-                and self.state is not State.SPEAKING):
+        if not (self.config.streaming and turn is not None and self._reply is None and ep.in_speech):
             return False
         return END_STEP_MS <= ep.silence_ms < END_STEP_MS + n * 1000 // SAMPLE_RATE
 
