@@ -679,7 +679,9 @@ class Session:
             label = "reject"
         ep = self._endpointer
         paused = not ep.in_speech or ep.silence_ms >= CUT_IN_PAUSE_MS
-        if (label == "interrupt" and ended is None and not paused and voiced_ms < REJECT_RELEASE_MS
+        # (the voice judged, not the voice by the time the verdict came: a judgment takes
+        # 0.15-0.25 s, and "mm-hmm" judged on 280 ms was past 480 ms by then)
+        if (label == "interrupt" and ended is None and not paused and self._judged_voiced_ms < REJECT_RELEASE_MS
                 and probs is not None and probs["interrupt"] < SURE_INTERRUPT):
             label = "continue"  # a syllable or two, unsure: the held voice waits for more of it
         claims = label != "interrupt" and bool(CLAIMS.fullmatch(text))
