@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import os
+import re
+import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import httpx
@@ -25,3 +28,16 @@ def process_numbers() -> tuple[int, float]:
     """(threads, resident MB) of this process, from /proc."""
     status = dict(line.split(":", 1) for line in Path(f"/proc/{os.getpid()}/status").read_text().splitlines())
     return int(status["Threads"]), int(status["VmRSS"].split()[0]) / 1024
+
+
+def thread_census() -> tuple[Counter, int]:
+    """(this process's Python threads by kind, the number of its native threads).
+
+    A thread of an executor pool ("asyncio_3", "duplex-tts_1") counts under its
+    pool ("asyncio_*"): pools start threads as they need them, up to their bound.
+    Native threads are the libraries' own (OpenMP, MKL, onnxruntime).
+    """
+    python = threading.enumerate()
+    kinds = Counter(re.sub(r"_\d+$", "_*", t.name) for t in python)
+    ids = {t.native_id for t in python}
+    return kinds, sum(int(tid) not in ids for tid in os.listdir(f"/proc/{os.getpid()}/task"))
