@@ -72,7 +72,9 @@ DUCK_GAIN = 0.25  # -12 dB: the agent lowers its voice while the user may be cut
 # A cut-in that has gone quiet this long without claiming the floor has ended
 # (the endpointer's own end of speech takes longer: a held voice must not wait for it).
 CUT_IN_PAUSE_MS = 200
+PAUSE_JUDGE_MS = 200  # voice before such a pause that may be words: held for its verdict
 LEVEL_FLOOR_DB = -55.0  # frames quieter than this are not part of anybody's voice level
+ACTIVE_DB = 20.0  # ... nor those this far below the loudest of the same speech
 RAMP_SAMPLES = SAMPLE_RATE // 100  # 10 ms gain ramps: no click at a duck, un-duck or stop
 # Whisper's mean log-probability below which a cut-in's transcript is a guess, not
 # words (measured on flite speech, tiny.en: a hummed "mm-hmm" comes out as "N",
@@ -84,6 +86,8 @@ CUT_IN_MIN_LOGPROB = -1.5
 # that follows (5 of 29 late stops over WebRTC, 2026-11-28). Those words go to the
 # state head; talking over "stop" costs more than holding the voice for a misheard cough.
 STOP_WORDS = re.compile(r"\W*(stop|wait|hold on|hold it|hold up|hang on)\b", re.IGNORECASE)
+# ... and a cut-in that so far is only such words: stop, or wait for the rest of it.
+STOPS = re.compile(r"(\W*(stop|wait|hold on|hold it|hold up|hang on)\b)+\W*", re.IGNORECASE)
 # A cut-in that so far is only one of these claims the floor: its words come after a breath.
 CLAIMS = re.compile(r"\W*(actually|sorry|excuse me|hey|listen|one second|quick question)\W*", re.IGNORECASE)
 # Previous text for Whisper on a cut-in: with fillers in the prompt it spells a hum
@@ -110,8 +114,11 @@ ASKS = re.compile(r"\W*((what|how|who|whom|whose|why|where|when|which)\b(?!\W+(i
 OPENERS = re.compile(r"(\W*(sorry|actually|wait|stop|no|oh|ok|okay|so|and|but|well|hey|um|uh|then|now)\b)+",
                      re.IGNORECASE)
 # Frames of voice (levels) the distance rule waits for; soft first syllables are
-# not a quiet speaker.
-LEVEL_FRAMES = 10
+# not a quiet speaker. In the bench's 30 cut-ins (speech_level_db against the
+# request's), flite's "Stop," and "Wait," were 9-15 dB below the voice over their
+# first 10 frames, and every cut-in within 3 dB of it from 15 on; its side talk
+# (-8 dB) was 3.3-13 dB below from 10 frames on.
+LEVEL_FRAMES = 15
 # ... and that a first guess of it goes by, to hold the voice at once.
 EARLY_LEVEL_FRAMES = 4
 # Voiced frames (of the endpointer's last 10) that hold the voice before they open a
@@ -133,6 +140,14 @@ def frame_levels_db(audio: np.ndarray) -> np.ndarray:
     n = len(audio) // FRAME_SAMPLES
     db = 10 * np.log10(np.mean(np.square(audio[:n * FRAME_SAMPLES].reshape(n, -1)), axis=1) + 1e-12)
     return db[db > LEVEL_FLOOR_DB]
+
+
+def speech_level_db(levels) -> float:
+    """The level of speech from its frame levels: the 90th percentile of those within
+    ACTIVE_DB of the loudest, so that the gaps between its words do not lower it (a
+    pause after "Stop," had taken a cut-in 5 dB down, under the distance margin)."""
+    levels = np.asarray(levels, dtype=np.float64)
+    return float(np.percentile(levels[levels >= levels.max() - ACTIVE_DB], 90))
 
 
 def hum(text: str) -> bool:
@@ -300,6 +315,7 @@ class Session:
         self._judged_voiced_ms = 0  # voiced ms of the cut-in when it was last judged
         self._yielded = False  # the voice has held (or ducked) for the current cut-in
         self._cut_in_words = False  # the head has judged words of it (not Whisper's guesses)
+        self._cut_in_text = ""  # ... the last of them
         self._claimed = False  # ... and they are an opener that claims the floor ("Actually...")
         self._claim_until: float | None = None  # ... which ended: the voice stays held until then for its words
         self._ended_cut_in: tuple[np.ndarray, float] | None = None  # a cut-in that ended while judged
@@ -413,7 +429,7 @@ class Session:
             self._user_onset = ev.t
             self._cut_in_id += 1
             self._judged_reject, self._judge_after_ms, self._ended_cut_in = False, 0, None
-            self._judged_voiced_ms, self._yielded, self._cut_in_words = 0, False, False
+            self._judged_voiced_ms, self._yielded, self._cut_in_words, self._cut_in_text = 0, False, False, ""
             self._claimed, self._claim_until = False, None
             self._utterance = [f for t, f in self._recent if t >= ev.t - PRE_ROLL_S]
             self._levels.clear()
@@ -497,6 +513,7 @@ class Session:
         if self._distant():
             if self._yielding:
                 self._release("reject", "quieter than the user's voice: not addressed to the agent")
+                self._yielded = False  # if it grows louder after a pause ("Stop, ... what"), it holds again
             return
         if not (self._yielded or self._judged_reject) and not (
                 self.config.cut_in == "hold" and self._distant(min_frames=EARLY_LEVEL_FRAMES)):
@@ -509,20 +526,29 @@ class Session:
             self._interrupt()
             return
         if ep.silence_ms >= CUT_IN_PAUSE_MS:
-            # A pause in the cut-in. No words in it so far (a cough, a hum): speak on at
-            # once. Else judge the words so far once more; no new words, no claim.
-            if self._holding and not self._cut_in_words:
-                self._release("release", "")
+            # A pause in the cut-in. A verdict on the way decides. Voice not judged yet
+            # is judged, and held for if it may be words: after words, or if nothing of
+            # it was judged and it is long enough for one (a piper "Wait," of 0.22 s let
+            # go at its pause was talked over until its verdict, interrupt, came 0.1 s
+            # on; an "okay" that Whisper only guessed at is let go: held, two missed the
+            # backchannel's 0.8 s). Else (a short sound, no new words, no claim): speak on.
             if self._judging:
                 return
-            if voiced > self._judged_voiced_ms:
+            unjudged = voiced > self._judged_voiced_ms
+            if self._holding and not self._claimed and not (unjudged and (
+                    self._cut_in_words or self._judged_voiced_ms == 0 and voiced >= PAUSE_JUDGE_MS)):
+                why = "words and a pause, not a claim on the floor: the voice goes on" if self._cut_in_words else ""
+                self._release("release", why, text=self._cut_in_text)
+            if unjudged:
                 self._judge_cut_in()
-            elif self._holding and not self._claimed:
-                self._release("release", "")
             return
         if self._judging:
             return
-        if voiced >= max(self.config.cut_in_judge_ms, self._judge_after_ms):
+        if ep.silence_ms >= END_STEP_MS and self._cut_in_words and voiced > self._judged_voiced_ms:
+            # Its words just stopped: judge them whole now, not at the pause (a backchannel
+            # "I see" held the voice for 0.8 s: 0.2 s of pause, then a judgment).
+            self._judge_cut_in()
+        elif voiced >= max(self.config.cut_in_judge_ms, self._judge_after_ms):
             self._judge_cut_in()
 
     def _before_cut_in(self) -> None:
@@ -577,10 +603,10 @@ class Session:
     def _distant(self, min_frames: int = LEVEL_FRAMES, levels=None) -> bool:
         """The current activation is well below the user's voice: somebody else.
 
-        Levels are the 90th percentile of 20 ms frame levels (the loud part of
-        the speech, not its gaps); the user's voice is the median over the last
-        turns answered. No turn answered yet, or under 200 ms of voice to go by (a
-        soft first syllable is not a quiet speaker): nobody is distant. With
+        Levels are those of ``speech_level_db`` (the loud part of the speech, not
+        its gaps); the user's voice is the median over the last turns answered. No
+        turn answered yet, or under LEVEL_FRAMES to go by (a soft first syllable is
+        not a quiet speaker): nobody is distant. With
         ``min_frames`` fewer, a first guess: quiet so far, by EARLY_MARGIN_DB more
         (of ``levels``, those frames', if given)."""
         levels = self._levels if levels is None else levels
@@ -589,14 +615,14 @@ class Session:
         guess = min_frames < LEVEL_FRAMES
         if len(levels) < min_frames:
             return guess  # a guess waits for its frames; the full rule gives the benefit of doubt
-        level = float(np.percentile(levels, 90))
+        level = speech_level_db(levels)
         margin = self.config.distant_db + (EARLY_MARGIN_DB if guess else 0.0)
         return level < float(np.median(self._voice_levels)) - margin
 
     def _note_voice_level(self, audio: np.ndarray) -> None:
         db = frame_levels_db(audio)
         if len(db) >= 5:
-            self._voice_levels.append(float(np.percentile(db, 90)))
+            self._voice_levels.append(speech_level_db(db))
 
     def _warm_judge(self, reply: Reply) -> None:
         """Put the cut-in judge's prompt up to the user's words into its cache while
@@ -673,6 +699,8 @@ class Session:
         ended, self._ended_cut_in = self._ended_cut_in, None
         if cut_in != self._cut_in_id or self.state is not State.SPEAKING or self._reply is None:
             return  # a newer cut-in, or the agent has already stopped
+        if label != "interrupt" and STOPS.fullmatch(text) and ended is not None:
+            label = "interrupt"  # "Stop." and silence: whatever else the head thought, stop
         if label == "interrupt" and self._distant():
             # Its level proved it somebody else while it was judged (over WebRTC a
             # judgment begun before that stopped the voice for side talk, 2026-11-28).
@@ -682,9 +710,10 @@ class Session:
         # (the voice judged, not the voice by the time the verdict came: a judgment takes
         # 0.15-0.25 s, and "mm-hmm" judged on 280 ms was past 480 ms by then)
         if (label == "interrupt" and ended is None and not paused and self._judged_voiced_ms < REJECT_RELEASE_MS
-                and probs is not None and probs["interrupt"] < SURE_INTERRUPT):
+                and probs is not None and probs["interrupt"] < SURE_INTERRUPT and not STOP_WORDS.match(text)):
             label = "continue"  # a syllable or two, unsure: the held voice waits for more of it
-        claims = label != "interrupt" and bool(CLAIMS.fullmatch(text))
+        # "Stop," or "Wait," and a pause: the words follow, held for as an opener's are.
+        claims = label != "interrupt" and bool(CLAIMS.fullmatch(text) or STOPS.fullmatch(text))
         if claims:
             # "Actually..." and a breath: the words follow. The voice stays held (until
             # they come, or CLAIM_WAIT_S after the opener); two of 28 cut-ins over
@@ -703,6 +732,8 @@ class Session:
                     self._held = []
             return
         self._cut_in_words = self._cut_in_words or probs is not None or claims
+        if probs is not None or claims:
+            self._cut_in_text = text
         # Judged again as it grows, whatever the verdict: a reject on its first
         # syllables ("W-s") must not decide what the whole cut-in was.
         self._judged_reject = label == "reject"

@@ -10,8 +10,10 @@ Piper, flite and espeak-ng, see bench/corpus.py) it measures:
   decoder (this isolates the positional-embedding decision), and of the
   streaming path (speech_encoder.streaming, chunk by chunk);
 - per-chunk compute of the streaming path (p50/p95 per utterance-length bucket);
-- end of speech -> final transcript: ``finish()`` after the endpointer's
-  silence has been pushed (the moment the session learns the turn is over);
+- end of speech -> final words: the silence heard by the first step after the
+  speech, plus that step (audio handed over as the session does: by chunks, and
+  with ``io_ms`` under a chunk, at the frame where the end step is due); and
+  ``finish()`` after the endpointer's silence has been pushed;
 - LLM prefill left at the end of the turn, with and without the incremental
   adapter (speech_encoder.adapter), with the real chat model.
 """
@@ -84,16 +86,36 @@ def pct(values, q: float) -> float:
 
 # -- the runs ----------------------------------------------------------------------------------
 
-def stream_utterance(st, audio: np.ndarray, chunk: int, tail_silence_s: float):
+def stream_utterance(st, audio: np.ndarray, chunk: int, tail_silence_s: float, endpointer=None):
     """Push ``audio`` and ``tail_silence_s`` of silence chunk by chunk, then finish.
-    Returns (hypotheses, final hypothesis, finish wall time ms)."""
+
+    With an ``endpointer`` (speech_encoder.vad.Endpointer, as the session's), as a
+    session that steps by 20 ms frames: the chunk in which the speech has fallen
+    silent for the transcriber's end step is handed over in two pushes, at that
+    frame and at the chunk's end (agent/session.py, ``_words_just_ended``).
+    Returns (hypotheses, one per push; compute ms per chunk; CPU ms per chunk;
+    the final hypothesis; finish wall time ms)."""
+    from speech_encoder.vad import VAD_FRAME_MS
+
     st.reset()
     x = np.concatenate([audio, np.zeros(int(tail_silence_s * SAMPLE_RATE), np.float32)])
     x = np.concatenate([x, np.zeros(-len(x) % chunk, np.float32)])
-    hyps = [st.push(x[i:i + chunk]) for i in range(0, len(x), chunk)]
+    frame = SAMPLE_RATE * VAD_FRAME_MS // 1000
+    hyps, chunk_ms, chunk_cpu = [], [], []
+    for i in range(0, len(x), chunk):
+        cuts = [0, chunk]
+        if endpointer is not None:
+            for j in range(0, chunk, frame):
+                endpointer.process(x[i + j:i + j + frame], (i + j) / SAMPLE_RATE)
+                if endpointer.in_speech and endpointer.silence_ms == st.options.end_step_ms and j + frame < chunk:
+                    cuts.insert(1, j + frame)
+        pushed = [st.push(x[i + a:i + b]) for a, b in zip(cuts, cuts[1:])]
+        hyps += pushed
+        chunk_ms.append(sum(h.compute_ms for h in pushed))
+        chunk_cpu.append(sum(h.cpu_ms for h in pushed))
     t0 = time.perf_counter()
     final = st.finish()
-    return hyps, final, (time.perf_counter() - t0) * 1000
+    return hyps, chunk_ms, chunk_cpu, final, (time.perf_counter() - t0) * 1000
 
 
 def end_to_final_ms(hyps, fallback_ms: float) -> float:
@@ -157,6 +179,7 @@ def run(config: Config, out_path: Path | None = None, limit: int | None = None,
     from bench.corpus import asr_test_set
     from speech_encoder.asr import WhisperASR
     from speech_encoder.streaming import StreamingOptions, StreamingTranscriber
+    from speech_encoder.vad import Endpointer
 
     say = print if verbose else (lambda *a, **k: None)
     say(f"machine: {machine()}")
@@ -191,12 +214,14 @@ def run(config: Config, out_path: Path | None = None, limit: int | None = None,
                "offline": offline, "offline_ms": offline_ms, "window": window, "padded": padded,
                "unpadded": unpadded}
         for sfx, stream in streams.items():
-            hyps, final, finish_ms = stream_utterance(stream, u.audio, chunk, tail_s)
+            ep = Endpointer(config.vad_aggressiveness, config.speech_start_ms, config.endpoint_silence_ms)
+            hyps, chunk_ms, chunk_cpu, final, finish_ms = stream_utterance(
+                stream, u.audio, chunk, tail_s, ep if config.io_ms < config.chunk_ms else None)
             # The session learns the words when the first step after the speech stopped
             # returns: the silence heard by then plus that step's compute.
             row.update({"streaming" + sfx: final.committed, "finish_ms" + sfx: finish_ms,
                         "end_to_final_ms" + sfx: end_to_final_ms(hyps, tail_s * 1000 + finish_ms),
-                        "chunk_ms" + sfx: [h.compute_ms for h in hyps], "chunk_cpu_ms" + sfx: [h.cpu_ms for h in hyps],
+                        "chunk_ms" + sfx: chunk_ms, "chunk_cpu_ms" + sfx: chunk_cpu,
                         "steps" + sfx: sum(h.encoder_frames > 0 for h in hyps),
                         "max_encoder_frames" + sfx: max([h.encoder_frames for h in hyps] + [0]),
                         "committed_changes" + sfx: sum(1 for a, b in zip(hyps, hyps[1:]) if a.committed != b.committed),
@@ -209,7 +234,7 @@ def run(config: Config, out_path: Path | None = None, limit: int | None = None,
     refs = [r["ref"] for r in rows]
     lang = config.language if config.language not in ("auto", "") else "en"
     kinds = ("offline", "padded", "window") + tuple("streaming" + sfx for sfx in streams)
-    result = {"machine": machine(), "utterances": len(rows), "chunk_ms": config.chunk_ms,
+    result = {"machine": machine(), "utterances": len(rows), "chunk_ms": config.chunk_ms, "io_ms": config.io_ms,
               "asr_model": config.asr_model, "streaming_int8": bool(config.asr_int8 and not compare_int8),
               "wer": {k: wer(refs, [r[k] for r in rows], lang) for k in kinds},
               "wer_by_voice": {}, "offline_ms_p50": pct([r["offline_ms"] for r in rows], 50)}
@@ -266,7 +291,8 @@ def run(config: Config, out_path: Path | None = None, limit: int | None = None,
 
 def report(res: dict, say=print) -> None:
     w = res["wer"]
-    say(f"\nASR benchmark: {res['utterances']} utterances, Whisper {res['asr_model']}, chunk {res['chunk_ms']} ms")
+    say(f"\nASR benchmark: {res['utterances']} utterances, Whisper {res['asr_model']}, chunk {res['chunk_ms']} ms"
+        f", audio handed over by {res.get('io_ms', res['chunk_ms'])} ms")
     say(f"machine: {res['machine']}")
     say(f"WER  offline (openai-whisper transcribe, 30 s pad): {w['offline']:.1%}")
     say(f"     one pass, padded encoder:                    {w['padded']:.1%}")

@@ -51,15 +51,20 @@ def opener(engine, tmp_path_factory):
                   Utterance(cut_in, delay=1.5, trigger="agent_start"))
 
 
-def test_an_opener_and_a_breath_keep_the_voice_held_until_the_words_come(opener):
-    out, summary = opener
+def held_through(out, summary) -> tuple[float, float, list[dict]]:
+    """(the cut-in's onset, the interrupt, the voice let go between the two)."""
     ev = events_of(out)
     cut_in = summary["user_utterance_starts"][1]
     stop = next(e["t"] for e in ev if e["type"] == "decision" and e["state"] == "speaking"
                 and e["decision"] == "interrupt")
+    return cut_in, stop, [e for e in ev if e["type"] == "decision" and e["state"] == "speaking"
+                          and cut_in <= e["t"] <= stop and e["decision"] in ("release", "reject", "hum")]
+
+
+def test_an_opener_and_a_breath_keep_the_voice_held_until_the_words_come(opener):
+    out, summary = opener
     # Held at "Actually," and never let go before the cut-in stopped the reply.
-    released = [e for e in ev if e["type"] == "decision" and e["state"] == "speaking"
-                and cut_in <= e["t"] <= stop and e["decision"] in ("release", "reject", "hum")]
+    cut_in, stop, released = held_through(out, summary)
     assert not released, released
     agent = agent_track(out)
     assert np.max(np.abs(agent[int((cut_in + 0.3) * SAMPLE_RATE):int(stop * SAMPLE_RATE)])) == 0.0
@@ -76,6 +81,12 @@ def test_a_cut_in_stops_the_agent_and_the_agent_stays_silent_until_it_answers(in
     restart = min(e["t"] for e in ev if e["type"] == "agent_speech_start" and e["t"] > stop["t"])
     agent = agent_track(out)
     assert np.max(np.abs(agent[int((stop["t"] + 0.02) * SAMPLE_RATE):int(restart * SAMPLE_RATE)])) == 0.0
+
+
+def test_a_cut_in_that_opens_with_stop_and_a_pause_is_held_until_it_stops_the_agent(interruption):
+    # "Wait, stop." then a breath: the voice holds and is not let go in the pause.
+    let_go = held_through(*interruption)[2]
+    assert not let_go, let_go
 
 
 def test_the_history_keeps_only_what_was_heard_and_the_next_reply_answers_the_cut_in(interruption):

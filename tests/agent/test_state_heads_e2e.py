@@ -154,3 +154,29 @@ def test_a_guessed_word_for_stop_is_still_words():
         assert STOP_WORDS.match(heard), heard
     for heard in ("Stuck...", "Waiting room", "Start.", "Hold him...", "Uh-h", "Up, up", ""):
         assert not STOP_WORDS.match(heard), heard
+
+
+def test_a_lone_word_for_stop_is_told_from_one_that_opens_a_request():
+    # "Stop," and a pause: the request follows, so the voice stays held for it.
+    from agent.session import STOPS
+
+    for heard in ("Stop.", "Stop, stop.", "Wait...", "Wait, stop.", "Hold on,", "Hang on!"):
+        assert STOPS.fullmatch(heard), heard
+    for heard in ("Stop, what color is grass?", "Wait, what is three plus three?", "Waiting.", "Start."):
+        assert not STOPS.fullmatch(heard), heard
+
+
+def test_the_pauses_between_words_do_not_lower_the_level_of_speech(tmp_path):
+    # The distance rule compares a cut-in's level with the user's voice. A pause
+    # after "Stop," (room tone, a breath: frames above the level floor) must not
+    # make the user sound like somebody further away; 8 dB down still is.
+    from agent.config import SAMPLE_RATE
+    from agent.session import frame_levels_db, speech_level_db
+
+    word = say("Stop,", tmp_path, "stop")
+    rng = np.random.default_rng(0)
+    room = (10 ** (-48 / 20) * rng.standard_normal(int(0.8 * SAMPLE_RATE))).astype(np.float32)  # -48 dB
+    alone = speech_level_db(frame_levels_db(word))
+    # (the 90th percentile of all its frames fell 2.2 dB with the pause)
+    assert abs(speech_level_db(frame_levels_db(np.concatenate([word, room]))) - alone) < 1.0
+    assert speech_level_db(frame_levels_db(word * 10 ** (-8 / 20))) == pytest.approx(alone - 8, abs=0.1)

@@ -43,3 +43,29 @@ def test_the_test_set_is_synthesized_once_so_every_run_hears_the_same_audio(tmp_
     assert first[0].voice == "piper:joe" and len(list(tmp_path.glob("*.wav"))) == 2
     for a, b in zip(first, again):
         assert a.text == b.text and np.array_equal(a.audio, b.audio)
+
+
+def test_audio_stepped_by_frames_reaches_the_end_step_as_the_silence_does(asr, speech):
+    # As the session hands over 20 ms frames: the first step after the speech hears
+    # the transcriber's end step of silence (60 ms), not up to a chunk more.
+    import numpy as np
+
+    from agent.config import Config
+    from bench.asr import stream_utterance
+    from speech_encoder.streaming import StreamingOptions, StreamingTranscriber
+    from speech_encoder.vad import Endpointer
+
+    cfg = Config()
+    st = StreamingTranscriber.from_asr(asr, StreamingOptions(), model_name=cfg.asr_model)
+    audio = speech("Turn off the lights in the kitchen.")
+    for endpointer in (None, Endpointer(cfg.vad_aggressiveness, cfg.speech_start_ms, cfg.endpoint_silence_ms)):
+        hyps, chunk_ms, _, final, _ = stream_utterance(st, audio, cfg.chunk_samples, 0.4, endpointer)
+        assert len(chunk_ms) == -(-(len(audio) + 0.4 * 16000) // cfg.chunk_samples)  # one figure a chunk
+        voiced = max(i for i, h in enumerate(hyps) if h.silence_ms == 0 and h.audio_s)
+        first = next(h for h in hyps[voiced + 1:] if h.encoder_frames)
+        if endpointer is None:
+            assert first.silence_ms >= st.options.end_step_ms
+        else:
+            assert first.silence_ms == st.options.end_step_ms and len(hyps) > len(chunk_ms)
+        assert "kitchen" in final.committed.lower()
+    assert np.isfinite(chunk_ms).all()
