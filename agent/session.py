@@ -85,9 +85,10 @@ CUT_IN_MIN_LOGPROB = -1.5
 # espeak speech), and treating it as a guess let the voice go on over it at the pause
 # that follows (5 of 29 late stops over WebRTC, 2026-11-28). Those words go to the
 # state head; talking over "stop" costs more than holding the voice for a misheard cough.
-STOP_WORDS = re.compile(r"\W*(stop|wait|hold on|hold it|hold up|hang on)\b", re.IGNORECASE)
+STOP_WORD = r"\W*(stop|wait|hold on|hold it|hold up|hang on)\b"
+STOP_WORDS = re.compile(STOP_WORD, re.IGNORECASE)
 # ... and a cut-in that so far is only such words: stop, or wait for the rest of it.
-STOPS = re.compile(r"(\W*(stop|wait|hold on|hold it|hold up|hang on)\b)+\W*", re.IGNORECASE)
+STOPS = re.compile(rf"({STOP_WORD})+\W*", re.IGNORECASE)
 # A cut-in that so far is only one of these claims the floor: its words come after a breath.
 CLAIMS = re.compile(r"\W*(actually|sorry|excuse me|hey|listen|one second|quick question)\W*", re.IGNORECASE)
 # Previous text for Whisper on a cut-in: with fillers in the prompt it spells a hum
@@ -699,7 +700,8 @@ class Session:
         ended, self._ended_cut_in = self._ended_cut_in, None
         if cut_in != self._cut_in_id or self.state is not State.SPEAKING or self._reply is None:
             return  # a newer cut-in, or the agent has already stopped
-        if label != "interrupt" and STOPS.fullmatch(text) and ended is not None:
+        stops = bool(STOPS.fullmatch(text))
+        if label != "interrupt" and stops and ended is not None:
             label = "interrupt"  # "Stop." and silence: whatever else the head thought, stop
         if label == "interrupt" and self._distant():
             # Its level proved it somebody else while it was judged (over WebRTC a
@@ -713,7 +715,7 @@ class Session:
                 and probs is not None and probs["interrupt"] < SURE_INTERRUPT and not STOP_WORDS.match(text)):
             label = "continue"  # a syllable or two, unsure: the held voice waits for more of it
         # "Stop," or "Wait," and a pause: the words follow, held for as an opener's are.
-        claims = label != "interrupt" and bool(CLAIMS.fullmatch(text) or STOPS.fullmatch(text))
+        claims = label != "interrupt" and (stops or bool(CLAIMS.fullmatch(text)))
         if claims:
             # "Actually..." and a breath: the words follow. The voice stays held (until
             # they come, or CLAIM_WAIT_S after the opener); two of 28 cut-ins over
