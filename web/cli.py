@@ -40,6 +40,9 @@ def register(subparsers) -> None:
                    help="STUN/TURN URL, e.g. stun:stun.example.org:3478 (repeatable; env DUPLEX_ICE_SERVERS)")
     s.add_argument("--turn-username", default=os.environ.get("DUPLEX_TURN_USERNAME"))
     s.add_argument("--turn-credential", default=os.environ.get("DUPLEX_TURN_CREDENTIAL"))
+    s.add_argument("--jitter-ms", type=int, default=_env_int("DUPLEX_JITTER_MS", 40),
+                   help="the user's audio is placed this much after it arrives, against network jitter "
+                        "(default 40; a path slower than that moves it later for the rest of the call)")
     s.add_argument("--ssl-certfile", help="serve HTTPS (browsers allow the microphone only on HTTPS or localhost)")
     s.add_argument("--ssl-keyfile")
     add_config_flags(s)
@@ -57,12 +60,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def settings_from_args(args: argparse.Namespace):
     from web.manager import IceServer
+    from web.rtc import CallOptions
     from web.server import ServerSettings
 
     ice = tuple(IceServer(url, args.turn_username, args.turn_credential) if url.startswith("turn")
                 else IceServer(url) for url in args.ice_server)
     return ServerSettings(host=args.host, port=args.port, token=args.token, allowed_origins=tuple(args.allow_origin),
-                          max_sessions=args.max_sessions, ice_servers=ice, tls=bool(args.ssl_certfile))
+                          max_sessions=args.max_sessions, ice_servers=ice, tls=bool(args.ssl_certfile),
+                          call=CallOptions(jitter_ms=args.jitter_ms))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

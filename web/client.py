@@ -27,6 +27,7 @@ from av import AudioFrame
 
 from agent.config import SAMPLE_RATE
 from speech_encoder.audio import resample
+from web import jitter
 from web.audio import FRAME_SAMPLES_48K, RTC_RATE, Decimator, frame_to_mono, mono_to_frames
 
 VOICED_RMS = 0.01  # a 20 ms frame of the user's (flite) speech louder than this is voiced
@@ -176,6 +177,7 @@ class RtcClient:
 
     def _on_track(self, track: MediaStreamTrack) -> None:
         if track.kind == "audio" and self._listen_task is None:
+            jitter.install(self.pc)  # frames as they arrive: the recording places them by arrival
             self._listen_task = asyncio.get_running_loop().create_task(self._listen(track), name="rtc-client-listen")
 
     async def _listen(self, track: MediaStreamTrack) -> None:

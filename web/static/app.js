@@ -233,7 +233,9 @@ window.duplex = {
       if (r.kind !== "audio") return;
       if (r.type === "inbound-rtp") {
         out.inbound = { packetsReceived: r.packetsReceived, bytesReceived: r.bytesReceived,
-          totalAudioEnergy: r.totalAudioEnergy, audioLevel: r.audioLevel, codecId: r.codecId };
+          totalAudioEnergy: r.totalAudioEnergy, audioLevel: r.audioLevel, codecId: r.codecId,
+          // the browser's own jitter buffer: how long the agent's audio waited there, on average
+          jitterBufferMs: r.jitterBufferEmittedCount ? 1000 * r.jitterBufferDelay / r.jitterBufferEmittedCount : null };
       } else if (r.type === "outbound-rtp") {
         out.outbound = { packetsSent: r.packetsSent, bytesSent: r.bytesSent };
       }

@@ -1,0 +1,68 @@
+"""Incoming audio packets handed on as they arrive, in order, without a prefetch.
+
+aiortc's receiver puts every RTP packet through a ``JitterBuffer`` that, for
+audio, holds four packets (80 ms of Opus) before it releases the oldest, and
+releases at most one per arrival: after a lost packet it fills to its capacity
+and then stays full, 280 ms behind for the rest of the call (aiortc issue 543).
+Both sides of a call here already place audio by its RTP timestamp on a
+timeline of their own (``ChunkAssembler`` on the server, the recording on the
+caller), with an allowance of their own for jitter, so the receiver's buffer only
+adds delay. ``InOrderAudioBuffer`` passes each packet on at once; a packet older
+than one already passed on (reordered or duplicated) is dropped and counted, and a
+gap is left to the timeline to fill with silence.
+
+``install(pc)`` swaps it into the audio receivers of a peer connection. It reaches
+into a private attribute of ``RTCRtpReceiver`` (there is no public way to choose
+the buffer), checked against the pinned aiortc: where the attribute is not what
+it was, the receiver keeps its own buffer and a warning says so.
+"""
+from __future__ import annotations
+
+import logging
+
+from aiortc import RTCPeerConnection
+from aiortc.jitterbuffer import JitterBuffer, JitterFrame
+from aiortc.rtp import RtpPacket
+from aiortc.utils import uint16_add
+
+log = logging.getLogger(__name__)
+_ATTRIBUTE = "_RTCRtpReceiver__jitter_buffer"  # RTCRtpReceiver's own, name-mangled
+
+
+class InOrderAudioBuffer(JitterBuffer):
+    """A jitter buffer of no depth, for audio whose packets are whole frames (Opus)."""
+
+    def __init__(self) -> None:
+        super().__init__(capacity=16)
+        self._expected: int | None = None  # the sequence number that follows the last one passed on
+        self.passed = 0
+        self.lost = 0  # sequence numbers skipped over (may still come, then counted as stale)
+        self.stale = 0  # arrived after a later packet had been passed on
+
+    def add(self, packet: RtpPacket) -> tuple[bool, JitterFrame | None]:
+        if self._expected is not None:
+            ahead = uint16_add(packet.sequence_number, -self._expected)
+            if ahead >= 0x8000:  # behind: a later packet already went
+                self.stale += 1
+                return False, None
+            self.lost += ahead
+        self._expected = uint16_add(packet.sequence_number, 1)
+        self.passed += 1
+        return False, JitterFrame(data=packet._data, timestamp=packet.timestamp)
+
+
+def install(pc: RTCPeerConnection) -> list[InOrderAudioBuffer]:
+    """Give every audio receiver of ``pc`` an ``InOrderAudioBuffer``; returns those installed.
+    Call it after the remote description is set and before media flows (on "track")."""
+    buffers = []
+    for transceiver in pc.getTransceivers():
+        receiver = transceiver.receiver
+        if transceiver.kind != "audio" or isinstance(getattr(receiver, _ATTRIBUTE, None), InOrderAudioBuffer):
+            continue
+        if not isinstance(getattr(receiver, _ATTRIBUTE, None), JitterBuffer):
+            log.warning("aiortc's receiver has no jitter buffer where expected: keeping its own (80 ms more delay)")
+            continue
+        buffer = InOrderAudioBuffer()
+        setattr(receiver, _ATTRIBUTE, buffer)
+        buffers.append(buffer)
+    return buffers
