@@ -60,11 +60,11 @@ class InputBuffer:
         self.n = chunk_samples
         self.rate = rate
         self._slots: dict[int, np.ndarray] = {}
-        self._filled: dict[int, int] = {}
         self._next = 0
         self.max_ahead = max_ahead_chunks
         self.missing_chunks = 0  # chunks taken with no audio at all
         self.late_samples = 0  # samples that arrived after their chunk was taken
+        self.early_samples = 0  # samples too far ahead of the clock to hold (bounded memory)
 
     def put(self, t: float, samples: np.ndarray) -> None:
         pos, src = int(round(t * self.rate)), samples
@@ -76,15 +76,20 @@ class InputBuffer:
             elif k < self._next + self.max_ahead:
                 slot = self._slots.setdefault(k, np.zeros(self.n, np.float32))
                 slot[off:off + take] = src[:take]
-                self._filled[k] = self._filled.get(k, 0) + take
+            else:
+                self.early_samples += take
             pos, src = pos + take, src[take:]
+
+    @property
+    def open_from(self) -> float:
+        """Media time (s) from which audio can still be placed: the start of the next chunk."""
+        return self._next * self.n / self.rate
 
     def take(self, k: int) -> np.ndarray:
         for old in [j for j in self._slots if j < k]:
-            del self._slots[old], self._filled[old]
+            del self._slots[old]
         self._next = k + 1
         chunk = self._slots.pop(k, None)
-        self._filled.pop(k, None)
         if chunk is None:
             self.missing_chunks += 1
             return np.zeros(self.n, np.float32)

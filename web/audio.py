@@ -4,11 +4,8 @@ The two rates differ by exactly three, so the conversion is a stateful FIR
 filter plus decimation or zero-stuffing: streaming it frame by frame gives the
 same samples as converting the whole signal at once (no seams at frame edges),
 and 16 kHz chunks of n samples become exactly 3n samples at 48 kHz, so the
-outgoing frames stay on the session's chunk clock.
-
-``ChunkAssembler`` places the user's incoming audio on the session's media
-timeline by timestamp and hands it out one chunk per tick; audio that has not
-arrived by its tick is silence (counted), audio arriving after is dropped.
+outgoing frames stay on the session's chunk clock. (``agent.clock.InputBuffer``
+then places the user's audio on the session's timeline by its timestamp.)
 """
 from __future__ import annotations
 
@@ -82,51 +79,3 @@ def mono_to_frames(x48: np.ndarray, first_pts: int) -> list[AudioFrame]:
         frames.append(frame)
     return frames
 
-
-class ChunkAssembler:
-    """User audio placed by media time, taken out one engine chunk per tick.
-
-    ``put(t, samples)`` may come early, late or out of order; ``take(k)``
-    returns chunk k (media time [kT, (k+1)T)) with zeros where nothing arrived.
-    At most ``max_ahead`` chunks beyond the next one are held (bounded memory).
-    """
-
-    def __init__(self, chunk_samples: int, max_ahead: int = 32):
-        self.n = chunk_samples
-        self.max_ahead = max_ahead
-        self._slots: dict[int, np.ndarray] = {}
-        self._next = 0  # the next chunk ``take`` will hand out
-        self.missing_chunks = 0  # ticks with no user audio at all
-        self.late_samples = 0  # arrived after their chunk was taken
-        self.early_samples = 0  # too far ahead to hold
-
-    def put(self, t: float, samples: np.ndarray) -> None:
-        pos = int(round(t * SAMPLE_RATE))
-        while len(samples):
-            k, off = divmod(pos, self.n)
-            take = min(self.n - off, len(samples))
-            if k < self._next:
-                self.late_samples += take
-            elif k > self._next + self.max_ahead:
-                self.early_samples += take
-            else:
-                slot = self._slots.get(k)
-                if slot is None:
-                    slot = self._slots[k] = np.zeros(self.n, np.float32)
-                slot[off:off + take] = samples[:take]
-            pos, samples = pos + take, samples[take:]
-
-    @property
-    def open_from(self) -> float:
-        """Media time (s) from which audio can still be placed: the start of the next chunk."""
-        return self._next * self.n / SAMPLE_RATE
-
-    def take(self, k: int) -> np.ndarray:
-        self._next = k + 1
-        for stale in [j for j in self._slots if j < k]:
-            del self._slots[stale]
-        chunk = self._slots.pop(k, None)
-        if chunk is None:
-            self.missing_chunks += 1
-            return np.zeros(self.n, np.float32)
-        return chunk

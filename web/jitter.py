@@ -5,11 +5,12 @@ audio, holds four packets (80 ms of Opus) before it releases the oldest, and
 releases at most one per arrival: after a lost packet it fills to its capacity
 and then stays full, 280 ms behind for the rest of the call (aiortc issue 543).
 Both sides of a call here already place audio by its RTP timestamp on a
-timeline of their own (``ChunkAssembler`` on the server, the recording on the
+timeline of their own (``InputBuffer`` on the server, the recording on the
 caller), with an allowance of their own for jitter, so the receiver's buffer only
 adds delay. ``InOrderAudioBuffer`` passes each packet on at once; a packet older
-than one already passed on (reordered or duplicated) is dropped and counted, and a
-gap is left to the timeline to fill with silence.
+than one already passed on (reordered or duplicated) is dropped and counted, a
+gap is left to the timeline to fill with silence, and a jump of more than 2 s
+either way (the sender restarted its numbering) is followed.
 
 ``install(pc)`` swaps it into the audio receivers of a peer connection. It reaches
 into a private attribute of ``RTCRtpReceiver`` (there is no public way to choose
@@ -27,6 +28,7 @@ from aiortc.utils import uint16_add
 
 log = logging.getLogger(__name__)
 _ATTRIBUTE = "_RTCRtpReceiver__jitter_buffer"  # RTCRtpReceiver's own, name-mangled
+RESTART = 100  # packets (2 s): a sequence number further from the expected one than this starts afresh
 
 
 class InOrderAudioBuffer(JitterBuffer):
@@ -42,10 +44,13 @@ class InOrderAudioBuffer(JitterBuffer):
     def add(self, packet: RtpPacket) -> tuple[bool, JitterFrame | None]:
         if self._expected is not None:
             ahead = uint16_add(packet.sequence_number, -self._expected)
-            if ahead >= 0x8000:  # behind: a later packet already went
+            behind = uint16_add(self._expected, -packet.sequence_number)
+            if behind <= RESTART and ahead >= 0x8000:  # a later packet already went
                 self.stale += 1
                 return False, None
-            self.lost += ahead
+            if ahead <= RESTART:
+                self.lost += ahead
+            # else: a jump of seconds either way, the sender restarted its numbering: follow it
         self._expected = uint16_add(packet.sequence_number, 1)
         self.passed += 1
         return False, JitterFrame(data=packet._data, timestamp=packet.timestamp)

@@ -5,7 +5,7 @@ hangs up:
 
 - ``listen``: pulls the browser's audio (``await track.recv()``, Opus decoded to
   48 kHz), converts it to 16 kHz and places it on the session's media timeline
-  by its RTP timestamp (``ChunkAssembler``);
+  by its RTP timestamp (``agent.clock.InputBuffer``);
 - ``tick``: the session's clock, one block F (``io_ms``, 20 ms) at a time. Tick
   k fires at start + (k+1)F, takes user block k (silence where nothing arrived
   in time), calls ``session.step`` and queues the returned agent block, which
@@ -32,12 +32,13 @@ from aiortc import RTCDataChannel, RTCPeerConnection
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from av import AudioFrame
 
+from agent.clock import InputBuffer
 from agent.config import SAMPLE_RATE
 from agent.engine import Engine
 from agent.events import Event
 from agent.session import Session
 from web import jitter
-from web.audio import RTC_RATE, ChunkAssembler, Decimator, Interpolator, frame_to_mono, mono_to_frames
+from web.audio import RTC_RATE, Decimator, Interpolator, frame_to_mono, mono_to_frames
 
 log = logging.getLogger(__name__)
 TIME_BASE = Fraction(1, RTC_RATE)
@@ -103,7 +104,7 @@ class Call:
         self.session = Session(engine, self._on_event)
         self.track = AgentTrack()
         # One block per step of the session; room for 5 s of audio that comes early.
-        self.inbox = ChunkAssembler(engine.config.io_samples, max_ahead=5 * SAMPLE_RATE // engine.config.io_samples)
+        self.inbox = InputBuffer(engine.config.io_samples, SAMPLE_RATE, 5 * SAMPLE_RATE // engine.config.io_samples)
         self.hangup_reason = ""
         self.closed = asyncio.Event()
         self.dropped_events = 0

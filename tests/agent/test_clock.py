@@ -39,7 +39,14 @@ def test_audio_arriving_after_its_chunk_was_taken_is_dropped_and_counted():
 def test_audio_far_ahead_of_the_clock_is_not_buffered_without_bound():
     buf = InputBuffer(N, RATE, max_ahead_chunks=4)
     buf.put(100.0, np.ones(N, np.float32))
-    assert buf._slots == {}
+    assert buf._slots == {} and buf.early_samples == N and not buf.take(0).any()
+
+
+def test_audio_can_be_placed_from_the_start_of_the_next_chunk_to_be_taken():
+    buf = InputBuffer(N, RATE)
+    assert buf.open_from == 0.0
+    buf.take(0)
+    assert buf.open_from == 0.160
 
 
 def test_the_clock_ticks_on_a_fixed_grid_whatever_each_tick_costs():

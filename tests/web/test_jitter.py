@@ -58,6 +58,13 @@ def test_sequence_numbers_wrap_around():
     assert (buffer.lost, buffer.stale) == (0, 0)
 
 
+def test_a_sender_that_restarts_its_numbering_is_followed_not_dropped():
+    buffer = jitter.InOrderAudioBuffer()
+    seqs = [5000, 5001, 5002, 120, 121, 122, 30000, 30001]  # far back, then far ahead
+    assert released(buffer, seqs) == seqs
+    assert (buffer.lost, buffer.stale) == (0, 0)
+
+
 class Tone(MediaStreamTrack):
     kind = "audio"
 

@@ -1,9 +1,9 @@
-"""48 kHz <-> 16 kHz conversion and the placing of user audio on the chunk clock."""
+"""48 kHz <-> 16 kHz conversion, frame by frame."""
 import numpy as np
 from av import AudioFrame
 
 from agent.config import SAMPLE_RATE
-from web.audio import RTC_RATE, ChunkAssembler, Decimator, Interpolator, frame_to_mono, mono_to_frames
+from web.audio import RTC_RATE, Decimator, Interpolator, frame_to_mono, mono_to_frames
 
 
 def tone(hz, seconds, rate):
@@ -51,26 +51,3 @@ def test_frames_carry_pts_and_decode_back_to_the_same_samples():
                                      layout="stereo")
     np.testing.assert_allclose(frame_to_mono(stereo), x[:960], atol=1 / 16000)
 
-
-def test_audio_lands_in_the_chunk_of_its_media_time_whatever_the_arrival_order():
-    n = 160
-    box = ChunkAssembler(n)
-    box.put(0.015, np.full(80, 2.0, np.float32))  # second half of chunk 1 (chunk = 10 ms here)
-    box.put(0.010, np.full(80, 1.0, np.float32))  # first half, arriving after
-    assert not box.take(0).any() and box.missing_chunks == 1
-    np.testing.assert_array_equal(box.take(1), np.r_[np.ones(80), np.full(80, 2.0)])
-
-
-def test_audio_after_its_tick_is_dropped_and_counted_and_a_straddling_piece_is_split():
-    box = ChunkAssembler(100)
-    box.take(0)
-    box.put(0.0, np.ones(50, np.float32))  # chunk 0 is gone: too late
-    box.put(100 / SAMPLE_RATE * 1.5, np.ones(100, np.float32))  # half in chunk 1, half in chunk 2
-    assert box.late_samples == 50
-    assert box.take(1)[50:].all() and box.take(2)[:50].all() and not box.take(2 + 1).any()
-
-
-def test_memory_is_bounded_when_audio_comes_from_far_ahead():
-    box = ChunkAssembler(100, max_ahead=4)
-    box.put(10.0, np.ones(1000, np.float32))
-    assert box.early_samples == 1000 and not box.take(0).any()
