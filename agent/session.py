@@ -669,10 +669,11 @@ class Session:
     def _judge_job(self, audio: np.ndarray, messages: list[dict], heard: str, timing) -> tuple[str, dict | None, str]:
         """Model thread: the words of the cut-in so far, then the head's verdict on them."""
         from agent.heads import chunk_hidden
-        from speech_encoder.streaming import StreamingTranscriber
+        from speech_encoder.streaming import StreamingOptions, StreamingTranscriber
 
         if self._transcriber is None:
-            self._transcriber = StreamingTranscriber.from_asr(self.engine.asr, model_name=self.config.asr_model)
+            self._transcriber = StreamingTranscriber.from_asr(self.engine.asr, StreamingOptions(pad_silence=False),
+                                                              model_name=self.config.asr_model)
         heard_words = self._transcriber.transcribe_scored(audio, prompt=CUT_IN_PROMPT)
         text = heard_words.text
         if is_hallucination(Transcript(text, 0.0, 0.0, "")):

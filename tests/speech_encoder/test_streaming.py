@@ -200,3 +200,34 @@ def test_an_int8_whisper_streams_the_same_words(speech):
     words = final.committed.lower()
     assert committed_only_grows(hyps + [final])
     assert "table" in words and ("four" in words or "4" in words) and "restaurant" in words
+
+
+def test_the_padding_after_a_window_is_the_log_mel_of_silence_as_whisper_sees_past_the_end_of_audio(
+        whisper_tiny, speech):
+    import torch
+    import whisper
+
+    from speech_encoder.mel import StreamingMel
+    from speech_encoder.streaming import encode
+
+    model = whisper_tiny.model
+    x = speech("Where does the audio end?")
+    mel = StreamingMel(model.dims.n_mels)
+    mel.push(x)
+    window = mel.window()
+    n = window.shape[1]
+    # openai-whisper pads the samples with zeros, then takes the spectrogram: past the
+    # edge frames, that is the clamp's floor, 2 below the maximum once normalized.
+    reference = whisper.audio.log_mel_spectrogram(torch.from_numpy(x), model.dims.n_mels, padding=SAMPLE_RATE)
+    assert torch.allclose(reference[:, n + 2:], reference.max() - 2.0, atol=1e-5)
+    seen = []
+    hook = model.encoder.conv1.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0]))
+    try:
+        with torch.inference_mode():
+            encode(model, window, 100)
+    finally:
+        hook.remove()
+    encoder_input = seen[0][0]
+    assert encoder_input.shape[1] == n + 100
+    assert torch.equal(encoder_input[:, :n], window)
+    assert torch.allclose(encoder_input[:, n:], reference.max() - 2.0, atol=1e-4)
