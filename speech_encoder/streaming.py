@@ -8,9 +8,10 @@ when there is new speech, takes one *step*:
    the window's N encoder positions get the first N positional embeddings (the
    audio starts at position 0 as in training) and the window is followed by 1 s
    of Whisper's padding (the log-mel of silence, see ``encode``) instead of the
-   rest of 30 s, so a 3 s window costs an eighth of a 30 s pad. Without that second of padding the decoder never sees
-   where the audio ends and repeats itself (see ``tail_pad_s``); bench/asr.py
-   measures the WER of each against the padded encoder.
+   rest of 30 s, so a 3 s window costs an eighth of a 30 s pad. Without that
+   second of padding the decoder never sees where the audio ends and repeats
+   itself (see ``tail_pad_s``); bench/asr.py measures the WER of each against the
+   padded encoder.
 2. Decoder: the committed text of the window is forced as a prefix (one batched
    forward), text committed before the window goes in as the previous-text
    prompt, and only the tail is decoded greedily (a few tokens per step). The

@@ -31,11 +31,11 @@ _ATTRIBUTE = "_RTCRtpReceiver__jitter_buffer"  # RTCRtpReceiver's own, name-mang
 RESTART = 100  # packets (2 s): a sequence number further from the expected one than this starts afresh
 
 
-class InOrderAudioBuffer(JitterBuffer):
-    """A jitter buffer of no depth, for audio whose packets are whole frames (Opus)."""
+class InOrderAudioBuffer:
+    """A jitter buffer of no depth, for audio whose packets are whole frames (Opus).
+    The receiver calls only ``add``, as it does on aiortc's ``JitterBuffer``."""
 
     def __init__(self) -> None:
-        super().__init__(capacity=16)
         self._expected: int | None = None  # the sequence number that follows the last one passed on
         self.passed = 0
         self.lost = 0  # sequence numbers skipped over (may still come, then counted as stale)
@@ -45,7 +45,7 @@ class InOrderAudioBuffer(JitterBuffer):
         if self._expected is not None:
             ahead = uint16_add(packet.sequence_number, -self._expected)
             behind = uint16_add(self._expected, -packet.sequence_number)
-            if behind <= RESTART and ahead >= 0x8000:  # a later packet already went
+            if 0 < behind <= RESTART:  # a later packet already went
                 self.stale += 1
                 return False, None
             if ahead <= RESTART:
@@ -62,9 +62,10 @@ def install(pc: RTCPeerConnection) -> list[InOrderAudioBuffer]:
     buffers = []
     for transceiver in pc.getTransceivers():
         receiver = transceiver.receiver
-        if transceiver.kind != "audio" or isinstance(getattr(receiver, _ATTRIBUTE, None), InOrderAudioBuffer):
+        current = getattr(receiver, _ATTRIBUTE, None)
+        if transceiver.kind != "audio" or isinstance(current, InOrderAudioBuffer):
             continue
-        if not isinstance(getattr(receiver, _ATTRIBUTE, None), JitterBuffer):
+        if not isinstance(current, JitterBuffer):
             log.warning("aiortc's receiver has no jitter buffer where expected: keeping its own (80 ms more delay)")
             continue
         buffer = InOrderAudioBuffer()
