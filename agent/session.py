@@ -90,7 +90,7 @@ STOP_WORDS = re.compile(STOP_WORD, re.IGNORECASE)
 # ... and a cut-in that so far is only such words: stop, or wait for the rest of it.
 STOPS = re.compile(rf"({STOP_WORD})+\W*", re.IGNORECASE)
 # A cut-in that so far is only one of these claims the floor: its words come after a breath.
-CLAIMS = re.compile(r"\W*(actually|sorry|excuse me|hey|listen|one second|quick question)\W*", re.IGNORECASE)
+CLAIMS = re.compile(r"(\W*(actually|sorry|excuse me|hey|listen|one second|quick question)\W*)+", re.IGNORECASE)
 # Previous text for Whisper on a cut-in: with fillers in the prompt it spells a hum
 # as one ("M-m-", "Uh-h") instead of inventing words ("and then major"); measured
 # on the bench's flite/espeak/piper backchannels and cut-ins, the words of the
@@ -103,6 +103,14 @@ REJECT_RELEASE_MS = 480
 # ... and so does an interrupt less sure than this (a flite "mm-hmm" and "uh-huh" were
 # judged interrupt at 0.69-0.70 on their first 200-300 ms, cut-ins 0.57-1.0).
 SURE_INTERRUPT = 0.8
+# ... and a cut-in that is over or has stopped, with no more voice than this, that asks
+# nothing and is judged interrupt less surely, was a backchannel: the agent goes on.
+# In replay runs of the bench, every such verdict on a cut-in over was one ("Yeah."
+# at 0.80, "and I'm on" at 0.68, mm-hmm heard as "and anthem" at 0.64-0.73), and each
+# cost a resume 0.9-1.2 s late; the cut-ins over when judged interrupt were sure of
+# it (0.93-1.0). A "yeah" judged in its pause, before the endpointer closed it, and an
+# "mm-hmm" judged as it stopped came to the same ("You're", 0.80; "And enter.", 0.73).
+BACKCHANNEL_MAX_MS = 1200
 # How a question or a request to the agent begins; a turn that begins otherwise ("So
 # my sister is moving next month.") is a statement, and its speaker may go on.
 # A wh-word before a subject opens a clause, not a question ("When I was a child...").
@@ -172,6 +180,36 @@ def asks(text: str) -> bool:
         return True
     opener = OPENERS.match(text)
     return bool(ASKS.match(text[opener.end():] if opener else text))
+
+
+def read_verdict(label: str, probs: dict | None, text: str, *, ended: bool, paused: bool, stopped: bool,
+                 distant: bool, voiced_ms: int) -> tuple[str, bool]:
+    """What the state head's verdict on a cut-in over the agent's voice comes to.
+
+    ``text``: the cut-in's words so far; ``ended``: it is over; ``paused``: it has
+    paused (CUT_IN_PAUSE_MS); ``stopped``: its voice has stopped, if only as long as
+    the transcriber's end step waits (END_STEP_MS; a pause has stopped too);
+    ``distant``: its level says somebody else; ``voiced_ms``: the voice judged (not
+    the voice by the time the verdict came: a judgment takes 0.15-0.25 s, and
+    "mm-hmm" judged on 280 ms was past 480 ms by then). Returns the label to act on
+    and whether the cut-in claims the floor (its words are still to come)."""
+    stops = bool(STOPS.fullmatch(text))
+    if label != "interrupt" and stops and ended:
+        label = "interrupt"  # "Stop." and silence: whatever else the head thought, stop
+    if label == "interrupt" and distant:
+        # Its level proved it somebody else while it was judged (over WebRTC a
+        # judgment begun before that stopped the voice for side talk, 2026-11-28).
+        label = "reject"
+    unsure = (label == "interrupt" and probs is not None and probs["interrupt"] < SURE_INTERRUPT
+              and not STOP_WORDS.match(text))
+    if unsure and not ended and not paused and voiced_ms < REJECT_RELEASE_MS:
+        label = "continue"  # a syllable or two, unsure: the held voice waits for more of it
+    elif unsure and (ended or stopped) and voiced_ms < BACKCHANNEL_MAX_MS and not asks(text):
+        label = "reject"  # over (or stopped), short, asking nothing, and the head unsure: a backchannel
+    # "Stop," or "Wait," and a pause, or "Actually...": the words follow, held for
+    # (unless somebody else said it).
+    claims = label != "interrupt" and not distant and (stops or bool(CLAIMS.fullmatch(text)))
+    return ("continue" if claims else label), claims
 
 
 class State(enum.Enum):
@@ -697,31 +735,24 @@ class Session:
             label, probs, text = "interrupt", None, ""
         else:
             label, probs, text = job.result()
-        log.debug("cut-in judged at %.2f s: %r -> %s %s", self.now, text, label, probs)
         ended, self._ended_cut_in = self._ended_cut_in, None
-        if cut_in != self._cut_in_id or self.state is not State.SPEAKING or self._reply is None:
-            return  # a newer cut-in, or the agent has already stopped
-        stops = bool(STOPS.fullmatch(text))
-        if label != "interrupt" and stops and ended is not None:
-            label = "interrupt"  # "Stop." and silence: whatever else the head thought, stop
-        if label == "interrupt" and self._distant():
-            # Its level proved it somebody else while it was judged (over WebRTC a
-            # judgment begun before that stopped the voice for side talk, 2026-11-28).
-            label = "reject"
         ep = self._endpointer
         paused = not ep.in_speech or ep.silence_ms >= CUT_IN_PAUSE_MS
-        # (the voice judged, not the voice by the time the verdict came: a judgment takes
-        # 0.15-0.25 s, and "mm-hmm" judged on 280 ms was past 480 ms by then)
-        if (label == "interrupt" and ended is None and not paused and self._judged_voiced_ms < REJECT_RELEASE_MS
-                and probs is not None and probs["interrupt"] < SURE_INTERRUPT and not STOP_WORDS.match(text)):
-            label = "continue"  # a syllable or two, unsure: the held voice waits for more of it
-        # "Stop," or "Wait," and a pause: the words follow, held for as an opener's are.
-        claims = label != "interrupt" and (stops or bool(CLAIMS.fullmatch(text)))
+        stopped = not ep.in_speech or ep.silence_ms >= END_STEP_MS
+        state = "ended" if ended else "paused" if paused else "stopped" if stopped else "going on"
+        log.debug("cut-in judged at %.2f s (%s): %r -> %s %s", self.now, state, text, label, probs)
+        if cut_in != self._cut_in_id or self.state is not State.SPEAKING or self._reply is None:
+            return  # a newer cut-in, or the agent has already stopped
+        label, claims = read_verdict(label, probs, text, ended=ended is not None, paused=paused, stopped=stopped,
+                                     distant=self._distant(), voiced_ms=self._judged_voiced_ms)
         if claims:
-            # "Actually..." and a breath: the words follow. The voice stays held (until
-            # they come, or CLAIM_WAIT_S after the opener); two of 28 cut-ins over
-            # WebRTC that opened so were talked over for 1.5-2.1 s.
-            label, self._claimed = "continue", True
+            # The voice stays held (until the words come, or CLAIM_WAIT_S after the
+            # opener); two of 28 cut-ins over WebRTC that opened so were talked over
+            # for 1.5-2.1 s. Let go on a first syllable heard as a hum ("Uh-" for
+            # "Actually", 2026-11-28), it holds again: the floor is being claimed.
+            self._claimed = True
+            if not self._yielding:
+                self._yield_voice()
             if ended is not None:
                 self._claim_until = ended[1] + CLAIM_WAIT_S
         if label == "interrupt":

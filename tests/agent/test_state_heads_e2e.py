@@ -126,7 +126,7 @@ def test_whispers_spelling_of_a_hum_is_not_words():
 def test_an_opener_alone_claims_the_floor_and_a_backchannel_does_not():
     from agent.session import CLAIMS
 
-    for text in ("Actually.", "Actually...", "Sorry,", "Excuse me", "Hey!"):
+    for text in ("Actually.", "Actually...", "Sorry,", "Excuse me", "Hey!", "Actually... actually"):
         assert CLAIMS.fullmatch(text), text
     for text in ("I see.", "Right.", "Mm-hmm", "Actually, what is the tallest animal?"):
         assert not CLAIMS.fullmatch(text), text
@@ -164,6 +164,42 @@ def test_a_lone_word_for_stop_is_told_from_one_that_opens_a_request():
         assert STOPS.fullmatch(heard), heard
     for heard in ("Stop, what color is grass?", "Wait, what is three plus three?", "Waiting.", "Start."):
         assert not STOPS.fullmatch(heard), heard
+
+
+def test_what_a_verdict_on_a_cut_in_comes_to():
+    from agent.session import read_verdict
+
+    def come_to(label, interrupt, text, ended=False, paused=False, stopped=False, distant=False, voiced_ms=300):
+        probs = None if interrupt is None else {"continue": 1 - interrupt, "interrupt": interrupt, "reject": 0.0}
+        # (a cut-in over has paused; one paused has stopped)
+        return read_verdict(label, probs, text, ended=ended, paused=paused or ended,
+                            stopped=stopped or paused or ended, distant=distant, voiced_ms=voiced_ms)
+
+    # A sure interrupt takes the floor; the same from somebody far quieter is side talk.
+    assert come_to("interrupt", 0.95, "What is the capital of Spain?") == ("interrupt", False)
+    assert come_to("interrupt", 0.95, "What is the capital of Spain?", distant=True) == ("reject", False)
+    # "Stop." that has ended stops the agent, whatever the head thought.
+    assert come_to("reject", 0.1, "Stop.", ended=True) == ("interrupt", False)
+    # A syllable or two, unsure, still going: listen to more of it.
+    assert come_to("interrupt", 0.7, "And I", voiced_ms=280) == ("continue", False)
+    # Over (or stopped), short, asking nothing, unsure: a backchannel; the agent goes on ...
+    assert come_to("interrupt", 0.79, "Yeah.", ended=True, voiced_ms=240) == ("reject", False)
+    assert come_to("interrupt", 0.68, "and I'm on", ended=True, voiced_ms=440) == ("reject", False)
+    assert come_to("interrupt", 0.79, "You're", paused=True, voiced_ms=240) == ("reject", False)
+    assert come_to("interrupt", 0.73, "And enter.", stopped=True, voiced_ms=600) == ("reject", False)
+    assert come_to("interrupt", 0.73, "And enter.", voiced_ms=600) == ("interrupt", False)  # still going
+    # ... but not a short question, a word for stop, a sure verdict or a long cut-in.
+    assert come_to("interrupt", 0.7, "Why?", ended=True) == ("interrupt", False)
+    assert come_to("interrupt", 0.6, "Actually, what is", paused=True) == ("interrupt", False)
+    assert come_to("interrupt", 0.6, "Stop, stop.", ended=True) == ("interrupt", False)
+    assert come_to("interrupt", 0.9, "Yeah.", ended=True, voiced_ms=240) == ("interrupt", False)
+    assert come_to("interrupt", 0.7, "That is not what I asked you about.", ended=True,
+                   voiced_ms=1800) == ("interrupt", False)
+    # An opener alone, or a lone word for stop before a pause: the words are to come.
+    assert come_to("continue", 0.3, "Actually,", paused=True) == ("continue", True)
+    assert come_to("reject", 0.1, "Wait,", paused=True) == ("continue", True)
+    # ... unless somebody else said it.
+    assert come_to("continue", 0.3, "Hey,", paused=True, distant=True) == ("continue", False)
 
 
 def test_the_pauses_between_words_do_not_lower_the_level_of_speech(tmp_path):
