@@ -442,6 +442,8 @@ class Session:
             self._decide()  # listening: decisions are taken at the end of each chunk
         elif self._words_just_ended(n):
             self._listen()  # ... and once the user falls silent: the end step need not wait for it
+        else:
+            self._reconsider()  # ... and, between chunks, the verdict as the silence grows
         self.now = t0 + n / SAMPLE_RATE
         out = self._play(n)
         self._tick_energy[1] += float(np.sum(np.square(out)))
@@ -886,16 +888,37 @@ class Session:
             return
         label, probs = verdict
         self._decide_as(label, probs)
-        # Acted on only once the words were heard to their end: the user is
-        # silent, and no audio the transcriber has not seen could change them.
-        if silence == 0 or turn.in_flight or not turn.seen_end:
-            return
+        if self._settled(turn, silence):
+            self._act_on(turn, label)
+
+    def _settled(self, turn: UserTurn, silence: int) -> bool:
+        """A verdict on ``turn`` may be acted on: its words were heard to their end
+        (the user is silent, and no audio the transcriber has not seen could change them)."""
+        return silence > 0 and not turn.in_flight and turn.seen_end
+
+    def _act_on(self, turn: UserTurn, label: str) -> None:
         if label == "interrupt":
             self._end_turn(turn)
         elif label == "reject":
             self._turn = None  # not meant for the agent; speech that goes on opens a new turn
             self.emit(TranscriptRejected(self.now, turn.text, "state head: reject"))
             self._resume_cut_off()
+
+    def _reconsider(self) -> None:
+        """A frame between chunk ends, the agent silent: the head's verdict on the
+        words heard, with the silence as long as it is now. The silence is one of
+        the head's inputs, and a turn it was unsure had ended when the words came
+        in often becomes one a few frames on; read at chunk ends only, that waited
+        up to a chunk. The words are not recomputed: the head alone is asked (an
+        MLP, well under a millisecond). Only a verdict that acts is recorded."""
+        turn = self._turn
+        if (turn is None or self._reply is not None or self.engine.head is None
+                or not self._settled(turn, silence := self._silence_ms())):
+            return
+        verdict = turn.decide(self.engine.head, Timing(silence, turn.speech_ms, False))
+        if verdict is not None and verdict[0] != "continue":
+            self._decide_as(*verdict)
+            self._act_on(turn, verdict[0])
 
     def _end_turn(self, turn: UserTurn, user_end: float | None = None) -> None:
         """The user's turn is over: reply to it."""

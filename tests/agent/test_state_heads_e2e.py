@@ -54,6 +54,37 @@ def test_the_reply_finds_the_users_words_already_in_the_llm(paused):
     assert turn["prefill_tokens"] == 0  # streamed in while the user spoke
 
 
+class SilenceHead:
+    """A stand-in state head for the mechanics of timing, not a trained one: the
+    turn is over once the user has been silent ``after_ms``, whatever the words."""
+
+    def __init__(self, after_ms: float):
+        self.after_ms = after_ms
+
+    def decide(self, hidden, timing):
+        from agent.heads import Decision
+
+        over = timing.silence_ms >= self.after_ms
+        return Decision("interrupt" if over else "continue", (0.0, 1.0, 0.0) if over else (1.0, 0.0, 0.0))
+
+
+def test_a_turn_ends_on_the_frame_its_silence_is_long_enough_not_at_the_next_chunk_end(engine, tmp_path):
+    from agent.engine import Engine
+
+    standin = Engine(engine.config, engine.asr, engine.llm, engine.tts, SilenceHead(after_ms=250))
+    try:
+        out, summary = replay(standin, tmp_path, Utterance(say("What is two plus two?", tmp_path, "q"), delay=0.3))
+    finally:
+        standin.close()
+    events = events_of(out)
+    last_word = next(e["t"] for e in events if e["type"] == "user_speech_end")
+    ended = next(e["t"] for e in events if e["type"] == "decision" and e["decision"] == "interrupt")
+    # The verdict is read on every 20 ms frame (the event bears the frame's start);
+    # read at chunk ends only, it came up to a chunk (160 ms) later.
+    assert 0.25 - 0.02 <= ended - last_word <= 0.25 + 0.02
+    assert len(summary["turns"]) == 1
+
+
 @pytest.fixture(scope="module")
 def noises(engine, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("noise")
