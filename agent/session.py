@@ -910,15 +910,20 @@ class Session:
         the head's inputs, and a turn it was unsure had ended when the words came
         in often becomes one a few frames on; read at chunk ends only, that waited
         up to a chunk. The words are not recomputed: the head alone is asked (an
-        MLP, well under a millisecond). Only a verdict that acts is recorded."""
+        MLP, well under a millisecond). Only interrupt is acted on (and recorded):
+        a reject read on every frame would have 8 chances a chunk to catch a
+        passing dip, and a turn rejected is a user ignored; rejects keep the
+        chunk ends."""
         turn = self._turn
-        if (turn is None or self._reply is not None or self.engine.head is None
-                or not self._settled(turn, silence := self._silence_ms())):
+        if turn is None or self._reply is not None or self.engine.head is None:
+            return
+        silence = self._silence_ms()
+        if not self._settled(turn, silence):
             return
         verdict = turn.decide(self.engine.head, Timing(silence, turn.speech_ms, False))
-        if verdict is not None and verdict[0] != "continue":
+        if verdict is not None and verdict[0] == "interrupt":
             self._decide_as(*verdict)
-            self._act_on(turn, verdict[0])
+            self._end_turn(turn)
 
     def _end_turn(self, turn: UserTurn, user_end: float | None = None) -> None:
         """The user's turn is over: reply to it."""
