@@ -888,21 +888,19 @@ class Session:
             return
         label, probs = verdict
         self._decide_as(label, probs)
-        if self._settled(turn, silence):
-            self._act_on(turn, label)
-
-    def _settled(self, turn: UserTurn, silence: int) -> bool:
-        """A verdict on ``turn`` may be acted on: its words were heard to their end
-        (the user is silent, and no audio the transcriber has not seen could change them)."""
-        return silence > 0 and not turn.in_flight and turn.seen_end
-
-    def _act_on(self, turn: UserTurn, label: str) -> None:
+        if not self._settled(turn, silence):
+            return
         if label == "interrupt":
             self._end_turn(turn)
         elif label == "reject":
             self._turn = None  # not meant for the agent; speech that goes on opens a new turn
             self.emit(TranscriptRejected(self.now, turn.text, "state head: reject"))
             self._resume_cut_off()
+
+    def _settled(self, turn: UserTurn, silence: int) -> bool:
+        """A verdict on ``turn`` may be acted on: its words were heard to their end
+        (the user is silent, and no audio the transcriber has not seen could change them)."""
+        return silence > 0 and not turn.in_flight and turn.seen_end
 
     def _reconsider(self) -> None:
         """A frame between chunk ends, the agent silent: the head's verdict on the
