@@ -913,7 +913,7 @@ class Session:
         passing dip, and a turn rejected is a user ignored; rejects keep the
         chunk ends."""
         turn = self._turn
-        if turn is None or self._reply is not None or self.engine.head is None:
+        if turn is None or self._reply is not None:
             return
         silence = self._silence_ms()
         if not self._settled(turn, silence):

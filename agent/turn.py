@@ -104,7 +104,8 @@ class UserTurn:
 
     def decide(self, head, timing: Timing) -> tuple[str, dict] | None:
         """The state head's verdict on the words heard so far, with ``timing`` as
-        it is now (cheap: a small MLP, so the loop can ask on every chunk)."""
+        it is now (cheap: a small MLP, so the loop can ask on every frame). None
+        without a head or before any words."""
         if head is None or self.hidden is None:
             return None
         verdict = head.decide(self.hidden, timing)
