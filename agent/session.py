@@ -54,7 +54,7 @@ from typing import Callable
 import numpy as np
 
 from agent.clock import TickRecord, Timeline
-from agent.config import SAMPLE_RATE
+from agent.config import SAMPLE_RATE, VAD_FRAME_MS
 from agent.engine import Engine
 from agent.events import (AgentSpeechEnd, AgentSpeechStart, AgentText, Decision, Event, PartialTranscript,
                           StateChanged, TranscriptEvent, TranscriptRejected, Turn, UserSpeechEnd, UserSpeechStart)
@@ -136,6 +136,14 @@ HOLD_ONSET_FRAMES = 3
 # The first frames of a word are softer than the voice: a guess on them calls it
 # somebody else's only this much further below (side talk at -15 dB still is).
 EARLY_MARGIN_DB = 6.0
+# A hiss is softer still: the s of the bench's piper, flite and espeak voices was
+# 10-20 dB below their vowels (energy above 3 kHz: 70-100% of its frames', 0-10%
+# of a vowel's). A guess counts it this much up (onset_levels_db). Side talk at
+# -8 dB that opens on one is then held for, as that which opens on a vowel was (the
+# full rule lets it go); the next room's (-15 dB, walls take the hiss) is not.
+SIBILANT_HZ = 3000
+SIBILANT_SHARE = 0.6
+SIBILANT_DB = 10.0
 END_STEP_MS = StreamingOptions.end_step_ms  # the user's silence before the transcriber's end step
 # An opener alone ("Actually,") that ended keeps the voice held this long after it
 # for the words it announces (the endpointer ends a cut-in after 0.4 s of silence;
@@ -144,11 +152,29 @@ CLAIM_WAIT_S = 1.0
 FIRST_GROUP_WAIT_S = 0.5  # the most the LLM waits for the first group's synthesis (~0.1 s)
 
 
+def _frames(audio: np.ndarray) -> np.ndarray:
+    n = len(audio) // FRAME_SAMPLES
+    return np.asarray(audio[:n * FRAME_SAMPLES], dtype=np.float64).reshape(n, -1)
+
+
 def frame_levels_db(audio: np.ndarray) -> np.ndarray:
     """Levels (dB) of the 20 ms frames of ``audio`` that are above the floor."""
-    n = len(audio) // FRAME_SAMPLES
-    db = 10 * np.log10(np.mean(np.square(audio[:n * FRAME_SAMPLES].reshape(n, -1)), axis=1) + 1e-12)
+    db = 10 * np.log10(np.mean(np.square(_frames(audio)), axis=1) + 1e-12)
     return db[db > LEVEL_FLOOR_DB]
+
+
+def onset_levels_db(audio: np.ndarray) -> np.ndarray:
+    """``frame_levels_db`` for a first guess at who is speaking, on a word's first
+    frames: a hiss (most of a frame's energy above SIBILANT_HZ: the s of "Stop",
+    "Sorry") counts SIBILANT_DB up, at about the level of the vowels it comes
+    before. On its hiss alone, a flite "Stop," had been taken for somebody else
+    and the voice held 0.16-0.24 s late, on its vowel."""
+    frames = _frames(audio)
+    power = np.square(np.abs(np.fft.rfft(frames * np.hanning(FRAME_SAMPLES), axis=1)))
+    high = np.fft.rfftfreq(FRAME_SAMPLES, 1 / SAMPLE_RATE) >= SIBILANT_HZ
+    share = power[:, high].sum(axis=1) / np.maximum(power.sum(axis=1), 1e-20)
+    db = 10 * np.log10(np.mean(np.square(frames), axis=1) + 1e-12)
+    return (db + SIBILANT_DB * (share >= SIBILANT_SHARE))[db > LEVEL_FLOOR_DB]
 
 
 def speech_level_db(levels) -> float:
@@ -439,9 +465,11 @@ class Session:
         if self.state is State.SPEAKING:
             self._cut_in_step()  # the user's voice over the agent is held, judged and let go by the step
         elif chunk_end:
-            self._decide()  # listening: decisions are taken at the end of each chunk
+            self._decide(ahead=self._words_just_ended(n, ahead=True))  # listening: decisions at each chunk's end
         elif self._words_just_ended(n):
             self._listen()  # ... and once the user falls silent: the end step need not wait for it
+        elif self._words_just_ended(n, ahead=True):
+            self._listen(ahead=True)  # ... which is taken a frame ahead, to be adopted if that frame is silent
         else:
             self._reconsider()  # ... and, between chunks, the verdict as the silence grows
         self.now = t0 + n / SAMPLE_RATE
@@ -515,12 +543,12 @@ class Session:
         self._decide_as("endpoint")
         self._start_reply(audio, ev.t, confirmed=True)
 
-    def _decide(self) -> None:
-        """End of a chunk while the agent is silent: the turn heard, or (without
-        streaming) a speculative start during a pause."""
+    def _decide(self, ahead: bool = False) -> None:
+        """End of a chunk while the agent is silent: the turn heard (``ahead``: see
+        ``_listen``), or (without streaming) a speculative start during a pause."""
         ep = self._endpointer
         if self.config.streaming:
-            self._listen()
+            self._listen(ahead)
             return
         speculating = self._reply is not None and not self._reply.confirmed
         if speculating and ep.in_speech and ep.silence_ms == 0:
@@ -557,7 +585,8 @@ class Session:
                 self._yielded = False  # if it grows louder after a pause ("Stop, ... what"), it holds again
             return
         if not (self._yielded or self._judged_reject) and not (
-                self.config.cut_in == "hold" and self._distant(min_frames=EARLY_LEVEL_FRAMES)):
+                self.config.cut_in == "hold" and self._distant(
+                    EARLY_LEVEL_FRAMES, onset_levels_db(np.concatenate(self._utterance[-2 * LEVEL_FRAMES:])))):
             self._yield_voice()  # loud enough to be the user, by a first guess
         held_ms = (self.now - self._hold_t) * 1000 if self._holding else 0.0
         if ep.silence_ms == 0 and not self._judged_reject and (
@@ -607,7 +636,7 @@ class Session:
         elif (self.engine.head is not None and self.config.cut_in == "hold"
               and ep.onset_frames >= HOLD_ONSET_FRAMES):
             onset = [f for _, f in list(self._recent)[-2 * HOLD_ONSET_FRAMES:]]
-            if not self._distant(HOLD_ONSET_FRAMES, frame_levels_db(np.concatenate(onset))):
+            if not self._distant(HOLD_ONSET_FRAMES, onset_levels_db(np.concatenate(onset))):
                 self._yield_voice()
 
     @property
@@ -790,10 +819,11 @@ class Session:
         """Media time just after the last frame received."""
         return self._recent[-1][0] + FRAME_SAMPLES / SAMPLE_RATE if self._recent else self.now
 
-    def _listen(self) -> None:
+    def _listen(self, ahead: bool = False) -> None:
         """End of a chunk while the agent is silent: open the user's turn when
         speech starts, hand the chunk's audio to the model thread, and end the
-        turn on a long pause (the head's verdicts end it sooner: ``_on_heard``)."""
+        turn on a long pause (the head's verdicts end it sooner: ``_on_heard``).
+        ``ahead``: and let the transcriber take its end step a frame ahead."""
         ep, reply = self._endpointer, self._reply
         if self.state is State.SPEAKING:
             return
@@ -828,21 +858,22 @@ class Session:
             turn.speech_ms += voiced - turn.voiced_mark if voiced >= turn.voiced_mark else voiced
         turn.voiced_mark = voiced
         turn.in_flight += 1
-        job = self.engine.model_worker.run_urgent(turn.listen, self.engine, self.cache, turn.take_new())
+        job = self.engine.model_worker.run_urgent(turn.listen, self.engine, self.cache, turn.take_new(), ahead)
         asyncio.wrap_future(job).add_done_callback(lambda f: self._on_heard(turn, f))
         if self.engine.head is not None and self._silence_ms() >= self.config.max_pause_ms:
             self._decide_as("timeout")
             self._end_turn(turn)
 
-    def _words_just_ended(self, n: int) -> bool:
+    def _words_just_ended(self, n: int, ahead: bool = False) -> bool:
         """Streaming, the agent silent: the user's silence reached the transcriber's
         end step (its decode that sees the words to their end) within these n samples.
         That step and the head's verdict on it run now, not at the chunk's end
-        (up to a chunk sooner)."""
+        (up to a chunk sooner). ``ahead``: the silence reached one VAD frame less."""
         ep, turn = self._endpointer, self._turn
         if not (self.config.streaming and turn is not None and self._reply is None and ep.in_speech):
             return False
-        return END_STEP_MS <= ep.silence_ms < END_STEP_MS + n * 1000 // SAMPLE_RATE
+        at = END_STEP_MS - (VAD_FRAME_MS if ahead else 0)
+        return at <= ep.silence_ms < at + n * 1000 // SAMPLE_RATE
 
     def _silence_ms(self) -> int:
         """Silence since the user's last voiced frame, including after the endpointer closed."""

@@ -93,13 +93,17 @@ class UserTurn:
                                    end_guess_ms=self.transcriber.options.end_step_ms)
         self.adapter.begin(self.messages)
 
-    def listen(self, engine, cache, audio: np.ndarray) -> Heard:
-        """Model thread: push ``audio`` and feed the words to the LLM."""
+    def listen(self, engine, cache, audio: np.ndarray, ahead: bool = False) -> Heard:
+        """Model thread: push ``audio`` and feed the words to the LLM. ``ahead``:
+        the speech has been silent for a frame less than the transcriber's end
+        step; that step is taken now, for the next frame's push to adopt."""
         if self.transcriber is None:
             self._start(engine, cache)
         hyp = self.transcriber.push(audio)
         prefill = self.adapter.update(hyp)
         seen_end = hyp.silence_ms >= self.transcriber.options.end_step_ms
+        if ahead:
+            self.transcriber.step_ahead()
         return Heard(hyp, self.adapter.hidden if hyp.text else None, prefill, seen_end)
 
     def decide(self, head, timing: Timing) -> tuple[str, dict] | None:

@@ -91,28 +91,44 @@ def stream_utterance(st, audio: np.ndarray, chunk: int, tail_silence_s: float, e
 
     With an ``endpointer`` (speech_encoder.vad.Endpointer, as the session's), as a
     session that steps by 20 ms frames: the chunk in which the speech has fallen
-    silent for the transcriber's end step is handed over in two pushes, at that
-    frame and at the chunk's end (agent/session.py, ``_words_just_ended``).
-    Returns (hypotheses, one per push; compute ms per chunk; CPU ms per chunk;
-    the final hypothesis; finish wall time ms)."""
+    silent for the transcriber's end step is handed over in pieces, at that frame
+    (agent/session.py, ``_words_just_ended``), at the frame before it, after which
+    the end step is taken ahead (``_words_about_to_end``; if the options say so),
+    and at the chunk's end. Returns (hypotheses, one per push; compute ms per
+    chunk; CPU ms per chunk; the final hypothesis; finish wall time ms)."""
     from speech_encoder.vad import VAD_FRAME_MS
 
     st.reset()
     x = np.concatenate([audio, np.zeros(int(tail_silence_s * SAMPLE_RATE), np.float32)])
     x = np.concatenate([x, np.zeros(-len(x) % chunk, np.float32)])
     frame = SAMPLE_RATE * VAD_FRAME_MS // 1000
+    end = st.options.end_step_ms
     hyps, chunk_ms, chunk_cpu = [], [], []
     for i in range(0, len(x), chunk):
-        cuts = [0, chunk]
+        cuts, ahead_at = [0, chunk], None
         if endpointer is not None:
             for j in range(0, chunk, frame):
                 endpointer.process(x[i + j:i + j + frame], (i + j) / SAMPLE_RATE)
-                if endpointer.in_speech and endpointer.silence_ms == st.options.end_step_ms and j + frame < chunk:
-                    cuts.insert(1, j + frame)
-        pushed = [st.push(x[i + a:i + b]) for a, b in zip(cuts, cuts[1:])]
-        hyps += pushed
-        chunk_ms.append(sum(h.compute_ms for h in pushed))
-        chunk_cpu.append(sum(h.cpu_ms for h in pushed))
+                if not endpointer.in_speech:
+                    continue
+                at = j + frame
+                if endpointer.silence_ms == end - VAD_FRAME_MS and st.options.step_ahead:
+                    ahead_at = at
+                if endpointer.silence_ms == end or at == ahead_at:
+                    cuts += [at] if at < chunk else []
+        cuts.sort()
+        wall = cpu = 0.0
+        for a, b in zip(cuts, cuts[1:]):
+            h = st.push(x[i + a:i + b])
+            hyps.append(h)
+            wall, cpu = wall + h.compute_ms, cpu + h.cpu_ms
+            if b == ahead_at:
+                t0 = time.perf_counter(), time.thread_time()
+                st.step_ahead()
+                wall += (time.perf_counter() - t0[0]) * 1000
+                cpu += (time.thread_time() - t0[1]) * 1000
+        chunk_ms.append(wall)
+        chunk_cpu.append(cpu)
     t0 = time.perf_counter()
     final = st.finish()
     return hyps, chunk_ms, chunk_cpu, final, (time.perf_counter() - t0) * 1000
@@ -120,10 +136,20 @@ def stream_utterance(st, audio: np.ndarray, chunk: int, tail_silence_s: float, e
 
 def end_to_final_ms(hyps, fallback_ms: float) -> float:
     """The first step after the last voiced push: the silence it had heard plus its
-    compute (``fallback_ms`` when no step came before ``finish``)."""
+    compute (``fallback_ms`` when no step came before ``finish``). A step taken a
+    frame ahead began a frame sooner, when that frame's silence had been heard:
+    its words are known when it is done or when the frame it assumed comes, the
+    later of the two, plus the push that adopts it (audio comes in real time)."""
+    from speech_encoder.vad import VAD_FRAME_MS
+
     last_voiced = max((i for i, h in enumerate(hyps) if h.silence_ms == 0 and h.audio_s), default=-1)
     after = [h for h in hyps[last_voiced + 1:] if h.encoder_frames]
-    return after[0].silence_ms + after[0].compute_ms if after else fallback_ms
+    if not after:
+        return fallback_ms
+    h = after[0]
+    if h.ahead_ms:
+        return h.silence_ms - VAD_FRAME_MS + max(VAD_FRAME_MS, h.ahead_ms) + h.compute_ms
+    return h.silence_ms + h.compute_ms
 
 
 def prefill_costs(llm, system_prompt: str, hyps, final_text: str) -> dict:
@@ -169,10 +195,12 @@ def chunk_buckets(rows: list[dict], sfx: str = "") -> dict:
 
 
 def run(config: Config, out_path: Path | None = None, limit: int | None = None,
-        adapter_limit: int = 40, nopad_limit: int = 30, verbose: bool = True, compare_int8: bool = False) -> dict:
+        adapter_limit: int = 40, nopad_limit: int = 30, verbose: bool = True, compare_int8: bool = False,
+        compare_step_ahead: bool = False) -> dict:
     """The whole benchmark; returns (and with ``out_path`` writes as JSON) its figures.
     ``compare_int8``: stream every utterance with the float32 and the int8 model
-    (speech_encoder.asr.quantize_int8), side by side."""
+    (speech_encoder.asr.quantize_int8), side by side; ``compare_step_ahead``: with
+    the end step taken a frame ahead and without (figures ``_no_ahead``)."""
     import torch
 
     from agent import models
@@ -192,6 +220,10 @@ def run(config: Config, out_path: Path | None = None, limit: int | None = None,
         asr8 = WhisperASR(path / "model.pt", config.language, threads=1, int8=True)
         streams["_int8" if compare_int8 else ""] = StreamingTranscriber.from_asr(asr8, StreamingOptions(),
                                                                                  model_name=config.asr_model)
+    if compare_step_ahead:
+        model = streams[""].model
+        streams["_no_ahead"] = StreamingTranscriber(model, config.language, StreamingOptions(step_ahead=False),
+                                                    model_name=config.asr_model)
     t0 = time.monotonic()
     utts = asr_test_set(config.cache_dir, limit)
     say(f"{len(utts)} utterances synthesized in {time.monotonic() - t0:.0f} s "
@@ -302,7 +334,8 @@ def report(res: dict, say=print) -> None:
         f"with 1 s pad {u['window']:.1%}, padded to 30 s {u['padded']:.1%}")
     sfxs = [k[len("streaming"):] for k in w if k.startswith("streaming")]
     for sfx in sfxs:
-        name = "streaming, int8 model" if sfx or res.get("streaming_int8") else "streaming"
+        name = "streaming, int8 model" if sfx == "_int8" or res.get("streaming_int8") else "streaming"
+        name += ", end step not ahead" if sfx == "_no_ahead" else ""
         say(f"     {name + ':':45}{w['streaming' + sfx]:.1%}"
             f"  ({w['streaming' + sfx] / max(w['offline'], 1e-9):.2f}x offline)")
     for voice, v in res["wer_by_voice"].items():
@@ -335,9 +368,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
     parser.add_argument("--compare-int8", action="store_true",
                         help="stream each utterance with the float32 and the int8 Whisper, side by side")
+    parser.add_argument("--compare-step-ahead", action="store_true",
+                        help="stream each utterance with the end step taken a frame ahead and without, side by side")
 
 
 def main(args: argparse.Namespace, config: Config, machine_name: str) -> int:
     """``run_agent.py bench asr`` (the engine flags are added by run_agent.py)."""
-    run(config, args.out, args.limit, args.adapter_limit, compare_int8=args.compare_int8)
+    run(config, args.out, args.limit, args.adapter_limit, compare_int8=args.compare_int8,
+        compare_step_ahead=args.compare_step_ahead)
     return 0

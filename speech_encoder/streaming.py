@@ -37,6 +37,8 @@ Silence longer than ``max_silence_s`` inside a turn is not appended at all.
 """
 from __future__ import annotations
 
+import copy
+import re
 import time
 import zlib
 from dataclasses import dataclass
@@ -91,6 +93,10 @@ class StreamingOptions:
     # ... except once speech has stopped for this long: then a step runs at once, so
     # the hypothesis holds the last words when the end of the turn is judged.
     end_step_ms: int = 60
+    # ... and that step is taken one VAD frame ahead, on the window with its last
+    # (silent) frame repeated, for the next push to adopt if its frame is silent too
+    # (``step_ahead``: the session and bench asr call it).
+    step_ahead: bool = True
     detect_after_s: float = 2.0  # language detection ("auto") waits for this much window
     threads: int = 1  # torch threads for a step (2 threads on 2 busy cores ran 10x slower than 1)
 
@@ -122,6 +128,7 @@ class Hypothesis:
     decoded_tokens: int = 0
     no_speech_prob: float = 1.0
     silence_ms: int = 0  # unvoiced audio since the last voiced frame (0 before any speech)
+    ahead_ms: float = 0.0  # wall time of the end step taken a frame ahead (``step_ahead``) that this push adopted
     language: str = "en"
     final: bool = False
 
@@ -138,6 +145,17 @@ class Step:
     logprob: float  # sum over the tail
     no_speech_prob: float
     encoder_frames: int
+
+
+@dataclass(frozen=True)
+class Ahead:
+    """The end step taken one VAD frame early (``StreamingTranscriber.step_ahead``)."""
+
+    n_samples: int  # audio pushed when it was taken: valid for one more (silent) frame
+    step: Step
+    tail: list
+    tail_logprob: float
+    cost_s: float  # its wall time
 
 
 def encode(model, mel: torch.Tensor, pad_frames: int = 0, silence: bool = True) -> torch.Tensor:
@@ -249,6 +267,27 @@ def echoes_earlier(tokens: list, n: int = ECHO_NGRAM) -> bool:
     return any(rest[i:i + n] == gram for i in range(len(rest) - n + 1))
 
 
+SENTENCE_ENDS = (".", "?", "!")
+RESTART_WORDS = 3
+
+
+def starts_over(pieces: list[str]) -> int:
+    """How many trailing tokens (given as their text, one piece each) start the
+    utterance over after it ended: the words after the last sentence end are the
+    first words of the text, RESTART_WORDS or more of them. Whisper does this on
+    the silence after a question ("How do I say hello in Spanish? How do I say
+    hello"; 2 of 30 turns in a bench run, each left unfinished and waited on for
+    the longest pause), in fewer tokens than ``echoes_earlier`` needs. 0: none."""
+    ends = [i for i, p in enumerate(pieces) if p.rstrip().endswith(SENTENCE_ENDS)]
+    if not ends or ends[-1] == len(pieces) - 1:
+        return 0
+    words = lambda text: re.findall(r"[\w']+", text.lower())
+    after, before = words("".join(pieces[ends[-1] + 1:])), words("".join(pieces[:ends[-1] + 1]))
+    if len(after) < RESTART_WORDS or before[:len(after)] != after:
+        return 0
+    return len(pieces) - 1 - ends[-1]
+
+
 def repeated_tail(tokens: list, max_ngram: int = 16) -> int:
     """How many trailing tokens repeat what comes just before them: a phrase of 4+
     tokens said twice in a row, or a shorter one three times (a word said twice,
@@ -312,6 +351,8 @@ class StreamingTranscriber:
         self._revision = 0
         self.audio_s = 0.0
         self._since_step, self._step_cost = 0.0, 0.0  # audio since the last step, s; its wall time, s
+        self._last_frame: np.ndarray | None = None  # the last VAD frame taken
+        self._ahead: Ahead | None = None
 
     # -- audio in ---------------------------------------------------------------------------------
 
@@ -334,13 +375,53 @@ class StreamingTranscriber:
         stride = max(o.min_stride_s, min(self._step_cost / o.duty, o.max_step_interval_s))
         due = self._dirty and (ended or self._since_step >= stride)
         full = self._window_s() > o.hard_window_s  # a step now cuts the window back (bounded cost)
-        if self._window_s() >= min_s and (due or full):
+        ahead, self._ahead = self._ahead, None
+        ahead_ms = 0.0
+        if ahead is not None and ended and due and not full and self._mel.n_samples == ahead.n_samples + FRAME_SAMPLES:
+            # The frame the step ahead assumed silent was: its step is this one.
+            step, self._dirty, self._last_nsp = ahead.step, False, ahead.step.no_speech_prob
+            self._tail, self._tail_logprob = ahead.tail, ahead.tail_logprob
+            self._step_cost, self._since_step, ahead_ms = ahead.cost_s, 0.0, ahead.cost_s * 1000
+        elif self._window_s() >= min_s and (due or full):
             step = self._step()
             self._step_cost = time.perf_counter() - t0[0]
             self._since_step = 0.0
-        return self._hypothesis(t0, step)
+        return self._hypothesis(t0, step, ahead_ms=ahead_ms)
+
+    @torch.inference_mode()
+    def step_ahead(self) -> bool:
+        """The end step, one VAD frame before it is due (the speech silent for one
+        frame less than ``end_step_ms``): taken now on the window with its last
+        frame heard twice, as if the next were as quiet. The next push adopts it
+        if that push is exactly one more frame and the frame is unvoiced; anything
+        else forgets it. The step costs more than a frame lasts (~50 ms against
+        20), so the words are known that much sooner after the end of speech, and
+        with 60 ms of silence after them as before (the same words where the
+        silence repeats itself: digital silence, a steady room). Model thread;
+        nothing is changed but what the next push reads. True if it was taken."""
+        t0 = time.perf_counter()
+        torch.set_num_threads(self.options.threads)
+        o = self.options
+        self._ahead = None
+        one = VAD_FRAME_MS / 1000
+        if not (o.step_ahead and self._heard and self._dirty and self.language is not None and self._last_frame is not None
+                and len(self._frame_buf) == 0 and (self._silent_run + 1) * VAD_FRAME_MS == o.end_step_ms
+                and o.min_step_s <= self._window_s() + one <= o.max_window_s):
+            return False
+        mel, voiced, silent_run = self._mel, self._voiced, self._silent_run
+        kept = self._dirty, self._tail, self._tail_logprob, self._last_nsp
+        self._mel, self._voiced, self._silent_run = copy.copy(mel), voiced + [False], silent_run + 1
+        try:
+            self._mel.push(self._last_frame)
+            step = self._step()  # (an end step: it replaces the tail, commits nothing, cuts nothing)
+            self._ahead = Ahead(mel.n_samples, step, self._tail, self._tail_logprob, time.perf_counter() - t0)
+        finally:
+            self._mel, self._voiced, self._silent_run = mel, voiced, silent_run
+            self._dirty, self._tail, self._tail_logprob, self._last_nsp = kept
+        return True
 
     def _take_frame(self, frame: np.ndarray) -> None:
+        self._last_frame = frame
         voiced = self._vad.is_speech(frame)
         o = self.options
         if voiced:
@@ -442,6 +523,7 @@ class StreamingTranscriber:
         n = len(prefix)
         cache, hooks = model.install_kv_cache_hooks()
         tail, logprob = [], 0.0
+        pieces = [tok.decode([t]) for t in self._committed]  # the text so far, a piece per token
         try:
             # Row n - 1 + i predicts tail token i (while the tail follows the draft).
             logits = decoder_logits(model, prefix + draft, audio, cache, rows=(sot_index, *range(n - 1, n + len(draft))))
@@ -464,6 +546,11 @@ class StreamingTranscriber:
                 if echoes_earlier(self._committed + tail):
                     # ... or starting the utterance over from an earlier phrase
                     del tail[-min(len(tail), ECHO_NGRAM):]
+                    break
+                pieces.append(tok.decode([nxt]))
+                again = starts_over(pieces)
+                if again:  # ... or from its first words, once it had ended
+                    del tail[-min(len(tail), again):]
                     break
                 if i < len(draft) and nxt == draft[i]:
                     last = ahead[i + 1]  # computed in the batch
@@ -630,7 +717,7 @@ class StreamingTranscriber:
         (``committed``, with ``final`` set). Then ``reset`` for the next one."""
         t0 = time.perf_counter(), time.thread_time()
         torch.set_num_threads(self.options.threads)
-        step = None
+        step, self._ahead = None, None
         if self._dirty and self._heard and self._window_s() > 0:
             step = self._step()
         if self._tail:

@@ -247,3 +247,26 @@ def test_the_pauses_between_words_do_not_lower_the_level_of_speech(tmp_path):
     # (the 90th percentile of all its frames fell 2.2 dB with the pause)
     assert abs(speech_level_db(frame_levels_db(np.concatenate([word, room]))) - alone) < 1.0
     assert speech_level_db(frame_levels_db(word * 10 ** (-8 / 20))) == pytest.approx(alone - 8, abs=0.1)
+
+
+@pytest.mark.parametrize("text", ["Sorry, what was that?", "She said no."])
+def test_a_word_that_opens_on_a_hiss_is_guessed_at_the_level_of_its_voice(text, tmp_path):
+    # Whether to hold the voice for a cut-in is first guessed on its first frames,
+    # against the user's level. An s or sh is 10-20 dB below the vowels that follow:
+    # on it alone the user sounded like somebody across the room, and the voice
+    # held only at the vowel. The guess counts a hiss up; a word 15 dB down is still
+    # somebody else's, and a vowel is counted as it is.
+    from agent.config import Config
+    from agent.session import EARLY_MARGIN_DB, frame_levels_db, onset_levels_db, speech_level_db
+    from bench.duplex_scenarios import trim
+    from speech_encoder.vad import FRAME_SAMPLES
+
+    margin = Config().distant_db + EARLY_MARGIN_DB
+    words = trim(say(text, tmp_path, "hiss"))
+    voice = speech_level_db(frame_levels_db(words))
+    first = words[:4 * FRAME_SAMPLES]
+    assert speech_level_db(frame_levels_db(first)) < voice - margin  # (as it was guessed)
+    assert speech_level_db(onset_levels_db(first)) >= voice - margin
+    assert speech_level_db(onset_levels_db(first * 10 ** (-15 / 20))) < voice - margin
+    vowel = trim(say("Ah, right.", tmp_path, "vowel"))[:4 * FRAME_SAMPLES]
+    np.testing.assert_allclose(onset_levels_db(vowel), frame_levels_db(vowel))

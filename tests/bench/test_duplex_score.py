@@ -247,3 +247,47 @@ def test_a_calls_events_are_moved_onto_the_recordings_clock_by_the_first_onset(t
     assert shift == pytest.approx(0.22)
     assert decision_delay(events, 2.0 + shift) == pytest.approx(0.38)  # 2.60 - 2.22
     assert stopped_after(events, 4.9 + shift) is False and stopped_after(events, 4.7 + shift) is True
+
+
+
+def test_a_click_apart_before_the_words_is_no_part_of_the_users_speech(phrases, vad, tmp_path):
+    # flite's kal voice opens "Wait" with 60 ms of noise 25 dB down, 160 ms before
+    # the word. silero took it for the start of the user's speech, so the agent was
+    # timed from a sound it could not know for words. The scenarios trim it; a quiet
+    # sound that runs into the words (the h of "Hold on") and a louder one (a word)
+    # are kept.
+    import shutil
+    import subprocess
+
+    from bench.duplex_scenarios import FRAME, frame_rms, trim
+    from speech_encoder.audio import load_audio
+
+    if not shutil.which("flite"):
+        pytest.skip("flite is not installed (scripts/system-deps.sh)")
+    subprocess.run(["flite", "-voice", "kal", "-t", "Wait, what is five times two?", "-o", str(tmp_path / "kal.wav")],
+                   check=True)
+    kal = load_audio(tmp_path / "kal.wav", SAMPLE_RATE)
+    r = frame_rms(kal)
+    loud = np.flatnonzero(r > r.max() / 100)  # -40 dB, as the scenarios trim
+    untrimmed = kal[loud[0] * FRAME:]
+    silence = np.zeros(SAMPLE_RATE // 2, np.float32)
+    assert len(untrimmed) - len(trim(kal)) >= 0.2 * SAMPLE_RATE
+    heard = vad.spans(np.concatenate([silence, untrimmed]))[0][0]
+    assert heard == pytest.approx(0.5, abs=0.05)  # (silero heard the click as speech)
+    words = vad.spans(np.concatenate([silence, untrimmed[len(untrimmed) - len(trim(kal)):]]))[0][0]
+    assert words == pytest.approx(0.5, abs=0.05)  # (and the word once the click is gone)
+
+    words, hold_on = phrases("Wait, what is five times two?"), phrases("Hold on, what is five times two?")
+    rng = np.random.default_rng(1)
+
+    def sound(seconds, db):
+        loudest = frame_rms(words).max()
+        return (loudest * 10 ** (db / 20) * rng.standard_normal(int(seconds * SAMPLE_RATE))).astype(np.float32)
+
+    gap = np.zeros(int(0.16 * SAMPLE_RATE), np.float32)
+    assert abs(len(trim(np.concatenate([sound(0.06, -25), gap, words]))) - len(words)) <= FRAME
+    assert len(trim(hold_on)) == len(hold_on)
+    breath = np.concatenate([sound(0.06, -25), words])
+    assert len(trim(breath)) >= len(breath) - FRAME
+    word = np.concatenate([sound(0.06, -6), gap, words])
+    assert len(trim(word)) >= len(word) - FRAME

@@ -146,6 +146,16 @@ def test_a_phrase_whisper_starts_over_with_is_recognized_as_an_echo():
     assert not echoes_earlier(said)
 
 
+def test_a_question_whisper_starts_again_after_it_ended_is_cut_at_its_end():
+    from speech_encoder.streaming import starts_over
+
+    pieces = lambda text: text.split("|")  # one piece of text per token
+    assert starts_over(pieces(" How| do| I| say| hello| in| Spanish|?| How| do| I| say| hello")) == 5
+    assert starts_over(pieces(" How| do| I| say| hello| in| Spanish|?| How| do")) == 0  # (two words: not yet)
+    assert starts_over(pieces(" Is| it| open|?| Is| it| closed")) == 0  # a new question
+    assert starts_over(pieces(" How| do| I| say| hello| in| Spanish|?")) == 0
+
+
 def test_once_speech_stops_one_step_runs_at_once_and_its_words_are_not_locked_in_by_an_earlier_guess(
         transcriber, speech, monkeypatch):
     o = transcriber.options
@@ -155,6 +165,62 @@ def test_once_speech_stops_one_step_runs_at_once_and_its_words_are_not_locked_in
     assert len(after) == 1 and o.end_step_ms <= after[0].silence_ms < o.end_step_ms + 160
     assert after[0].committed == hyps[last_voiced].committed  # the end step commits nothing ...
     assert final.committed.strip() == after[0].text  # ... finish commits what it heard
+
+
+def stream_by_frames(st, audio, ahead: bool):
+    """Push ``audio`` 20 ms at a time, as the session does; with ``ahead``, take the
+    end step a frame ahead whenever the speech has been silent one frame short of it."""
+    frame, hyps, taken = SAMPLE_RATE // 50, [], 0
+    for i in range(0, len(audio) - frame + 1, frame):
+        hyps.append(st.push(audio[i:i + frame]))
+        if ahead and hyps[-1].silence_ms == st.options.end_step_ms - 20:
+            taken += st.step_ahead()
+    return hyps, st.finish(), taken
+
+
+def test_the_end_step_taken_a_frame_ahead_is_the_end_step(whisper_tiny, speech):
+    # Taken when the speech has been silent a frame short of the end step, on the
+    # window with that frame heard twice, it is adopted by the next push if that
+    # frame is silent too: after silence, the words are those of the end step taken
+    # on time, known sooner by what the step costs beyond a frame. If the speech
+    # resumes instead, it is forgotten: no trace in what follows.
+    from bench.duplex_scenarios import trim
+
+    opts = StreamingOptions(duty=1e9)
+    ahead, on_time = (StreamingTranscriber.from_asr(whisper_tiny, opts, model_name="tiny.en") for _ in range(2))
+    frame, end = SAMPLE_RATE // 50, opts.end_step_ms
+    frames = lambda x: [x[i:i + frame] for i in range(0, len(x) - frame + 1, frame)]
+    silence = np.zeros(SAMPLE_RATE // 2, np.float32)
+    first, second = trim(speech("What is the weather like in Paris")), trim(speech("and in Rome today?"))
+    a, b, taken = [], [], []
+    for f in frames(np.concatenate([first, silence])):  # up to a frame short of the end step ...
+        a.append(ahead.push(f)), b.append(on_time.push(f))
+        if a[-1].silence_ms == end - 20:
+            taken.append(ahead.step_ahead())
+            break
+    for f in frames(np.concatenate([second, silence])):  # ... then the speech goes on
+        a.append(ahead.push(f)), b.append(on_time.push(f))
+        if a[-1].silence_ms == end - 20:
+            taken.append(ahead.step_ahead())
+    final_a, final_b = ahead.finish(), on_time.finish()
+    assert taken[0] and not a[len(b) - len(frames(np.concatenate([second, silence])))].ahead_ms  # forgotten
+    assert [(h.committed, h.tentative) for h in a] == [(h.committed, h.tentative) for h in b]
+    assert final_a.committed == final_b.committed and "rome" in final_a.committed.lower()
+    adopted = [h for h in a if h.ahead_ms]
+    assert len(adopted) == 1 and adopted[0].silence_ms == end and adopted[0].encoder_frames
+    assert adopted[0].compute_ms < adopted[0].ahead_ms  # (adopting costs next to nothing)
+    steps = lambda hyps: [(h.silence_ms, h.encoder_frames) for h in hyps if h.encoder_frames]
+    assert steps(a) == steps(b)  # the same steps, on the same windows
+
+
+def test_an_end_step_not_yet_due_is_not_taken_ahead(whisper_tiny, speech):
+    st = StreamingTranscriber.from_asr(whisper_tiny, StreamingOptions(duty=1e9), model_name="tiny.en")
+    st.push(speech("Hello there"))
+    assert not st.step_ahead()  # still speaking (or just stopped): not one frame short of it
+    off = StreamingTranscriber.from_asr(whisper_tiny, StreamingOptions(duty=1e9, step_ahead=False), model_name="tiny.en")
+    hyps, _, taken = stream_by_frames(off, np.concatenate([speech("Hello there"), np.zeros(8000, np.float32)]), True)
+    assert not taken
+    assert not any(h.ahead_ms for h in hyps)
 
 
 def test_symbols_that_are_not_the_punctuation_of_speech_end_the_decoding():
