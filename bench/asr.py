@@ -93,9 +93,10 @@ def stream_utterance(st, audio: np.ndarray, chunk: int, tail_silence_s: float, e
     session that steps by 20 ms frames: the chunk in which the speech has fallen
     silent for the transcriber's end step is handed over in pieces, at that frame
     (agent/session.py, ``_words_just_ended``), at the frame before it, after which
-    the end step is taken ahead (``_words_about_to_end``; if the options say so),
-    and at the chunk's end. Returns (hypotheses, one per push; compute ms per
-    chunk; CPU ms per chunk; the final hypothesis; finish wall time ms)."""
+    the end step is taken ahead (``_words_just_ended(n, ahead=True)``; if the
+    options say so), and at the chunk's end. Returns (hypotheses, one per push;
+    compute ms per chunk; CPU ms per chunk; the final hypothesis; finish wall
+    time ms)."""
     from speech_encoder.vad import VAD_FRAME_MS
 
     st.reset()

@@ -535,7 +535,8 @@ class StreamingTranscriber:
                     last[tok.encode(" ") + [tok.eot]] = -np.inf
                 logp = last.log_softmax(-1)
                 nxt = int(torch.argmax(logp))
-                if nxt == tok.eot or junk(tok.decode([nxt])):
+                piece = tok.decode([nxt]) if nxt != tok.eot else ""
+                if nxt == tok.eot or junk(piece):
                     break
                 tail.append(nxt)
                 logprob += float(logp[nxt])
@@ -547,7 +548,7 @@ class StreamingTranscriber:
                     # ... or starting the utterance over from an earlier phrase
                     del tail[-min(len(tail), ECHO_NGRAM):]
                     break
-                pieces.append(tok.decode([nxt]))
+                pieces.append(piece)
                 again = starts_over(pieces)
                 if again:  # ... or from its first words, once it had ended
                     del tail[-min(len(tail), again):]
