@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +39,32 @@ CONTINUE, INTERRUPT, REJECT = range(3)
 HEADS_DIR = Path(__file__).resolve().parent / "heads_data"
 TIMING_FEATURES = 4
 _CUT = "\x00"  # marks the end of the partial text in the rendered template
+
+
+def normalize(text: str) -> str:
+    """Lowercase words only: what makes two texts 'the same text' (the training
+    split; a transcript matched against the phrase lists)."""
+    return " ".join(re.findall(r"[a-z0-9']+", text.lower().replace("’", "'")))
+
+
+def load_phrases(path: Path = HEADS_DIR / "phrases.txt") -> tuple[dict[str, list[str]], frozenset[str]]:
+    """The hand-written phrase lists: (phrases by section, the normalized phrases
+    marked "+ ": always trained on)."""
+    out: dict[str, list[str]] = defaultdict(list)
+    pinned = set()
+    section = None
+    for line in Path(path).read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if m := re.fullmatch(r"== (\w+) ==", line):
+            section = m.group(1)
+            continue
+        if line.startswith("+ "):
+            line = line[2:].strip()
+            pinned.add(normalize(line))
+        out[section].append(line)
+    return dict(out), frozenset(pinned)
 
 
 @dataclass(frozen=True)

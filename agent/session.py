@@ -58,7 +58,7 @@ from agent.config import SAMPLE_RATE, VAD_FRAME_MS
 from agent.engine import Engine
 from agent.events import (AgentSpeechEnd, AgentSpeechStart, AgentText, Decision, Event, PartialTranscript,
                           StateChanged, TranscriptEvent, TranscriptRejected, Turn, UserSpeechEnd, UserSpeechStart)
-from agent.heads import Timing
+from agent.heads import Timing, load_phrases, normalize
 from agent.llm import PrefixCache
 from agent.turn import UserTurn
 from speech_decoder.decoder import SpeechDecoder
@@ -111,6 +111,24 @@ SURE_INTERRUPT = 0.8
 # it (0.93-1.0). A "yeah" judged in its pause, before the endpointer closed it, and an
 # "mm-hmm" judged as it stopped came to the same ("You're", 0.80; "And enter.", 0.73).
 BACKCHANNEL_MAX_MS = 1200
+# While the agent is silent the head learned to reject fillers ("um") and Whisper's
+# transcripts of noise ("Thank you for watching."), none longer than this
+# (agent/heads_data/phrases.txt). A reject of more words is outside what it learned,
+# and a turn rejected is never answered: SmolLM2's head rejected an 11-word statement
+# at 0.55 in the two-agent simulation, and both agents then waited in silence to the
+# end. Such a turn is left open; the head's interrupt or ``max_pause_ms`` ends it.
+LISTEN_REJECT_MAX_WORDS = 6
+# What a listener says to show they follow ("I see", "okay", "mm-hmm"): the
+# backchannels of the heads' phrase list. Said over the agent and nothing after
+# it, it is one whatever the head's confidence: flite awb's "I see." was judged
+# interrupt at 0.90 in every bench run of 2026-11-28 and the night after.
+BACKCHANNELS = frozenset(normalize(p) for p in load_phrases()[0]["backchannel"])
+# ... and so is a cut-in of a word or two that asks nothing, says no word for stop
+# and no "no", and claims nothing: a nod, or Whisper's words for one through a
+# codec ("You're" for flite's "yeah", "And then," for "mm-hmm", judged interrupt at
+# 0.83-0.98 in the 2026-11-29 bench runs, replay and WebRTC alike).
+NOD_MAX_WORDS = 2
+NEGATION = re.compile(r"\W*(no|nope|nah|not|never|don't|do not)\b", re.IGNORECASE)
 # How a question or a request to the agent begins; a turn that begins otherwise ("So
 # my sister is moving next month.") is a statement, and its speaker may go on.
 # A wh-word before a subject opens a clause, not a question ("When I was a child...").
@@ -208,6 +226,26 @@ def asks(text: str) -> bool:
     return bool(ASKS.match(text[opener.end():] if opener else text))
 
 
+def is_backchannel(text: str) -> bool:
+    """``text`` is one backchannel or a few in a row ("Okay, I see.", "Yeah, yeah, yeah.")."""
+    words = normalize(text).split()
+    # fits[i]: the first i words are whole backchannels (phrases are up to 3 words)
+    fits = [True] + [False] * len(words)
+    for i in range(1, len(words) + 1):
+        fits[i] = any(fits[j] and " ".join(words[j:i]) in BACKCHANNELS for j in range(max(0, i - 3), i))
+    return bool(words) and fits[-1]
+
+
+def is_nod(text: str) -> bool:
+    """``text``, said over the agent, acknowledges it: listed backchannels, or a word
+    or two that asks, stops, refuses and claims nothing."""
+    if is_backchannel(text):
+        return True
+    n = len(normalize(text).split())
+    return (0 < n <= NOD_MAX_WORDS and not asks(text) and not STOP_WORDS.match(text)
+            and not NEGATION.match(text) and not CLAIMS.match(text))
+
+
 def read_verdict(label: str, probs: dict | None, text: str, *, ended: bool, paused: bool, stopped: bool,
                  distant: bool, voiced_ms: int) -> tuple[str, bool]:
     """What the state head's verdict on a cut-in over the agent's voice comes to.
@@ -228,6 +266,12 @@ def read_verdict(label: str, probs: dict | None, text: str, *, ended: bool, paus
         label = "reject"
     unsure = (label == "interrupt" and probs is not None and probs["interrupt"] < SURE_INTERRUPT
               and not STOP_WORDS.match(text))
+    if label == "interrupt" and voiced_ms < BACKCHANNEL_MAX_MS and is_nod(text):
+        # "Okay." over the agent is a nod; "Okay, so what about..." is a cut-in: a
+        # pause tells them apart (the voice stays held until one comes; the head
+        # unsure, a stop is enough, as below).
+        over = ended or paused or stopped and unsure
+        return ("reject" if over else "continue"), False
     if unsure and not ended and not paused and voiced_ms < REJECT_RELEASE_MS:
         label = "continue"  # a syllable or two, unsure: the held voice waits for more of it
     elif unsure and (ended or stopped) and voiced_ms < BACKCHANNEL_MAX_MS and not asks(text):
@@ -918,6 +962,8 @@ class Session:
         if verdict is None:
             return
         label, probs = verdict
+        if label == "reject" and len(turn.text.split()) > LISTEN_REJECT_MAX_WORDS:
+            label = "continue"
         self._decide_as(label, probs)
         if not self._settled(turn, silence):
             return
@@ -1190,7 +1236,10 @@ class Session:
 
     def heard_text(self, reply: Reply) -> str:
         """The words of the reply the user actually heard: whole groups played,
-        plus the played share of the group cut off (by its sample count)."""
+        plus the played share of the group cut off (by its sample count), marked
+        cut with a dash. (Marked "...", Qwen answered a cut-in Whisper misheard
+        with that fragment again, "London is a...", in 2 of 27 bench cut-ins;
+        marked " -", and unmarked, it answered in a whole sentence.)"""
         heard = list(reply.played_groups)
         spoken = reply.decoder.spoken_text if reply.decoder else []
         idx = len(heard)
@@ -1206,7 +1255,7 @@ class Session:
                     break
                 kept.append(w)
             if kept:
-                heard.append(" ".join(kept) + "...")
+                heard.append(" ".join(kept) + " -")
         return " ".join(heard)
 
     def _text_in_flight(self) -> str:

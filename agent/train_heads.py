@@ -50,7 +50,7 @@ from typing import Callable
 import torch
 
 from agent.heads import (CONTINUE, HEADS_DIR, INTERRUPT, LABELS, REJECT, StateHead, Thresholds, Timing,
-                         decide_label, head_prompt_ids, timing_vector)
+                         decide_label, head_prompt_ids, load_phrases, normalize, timing_vector)
 from agent.llm import common_prefix
 
 LLMS = ("qwen2.5-0.5b", "smollm2-135m")
@@ -112,33 +112,9 @@ def package_dir(import_name: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def normalize(text: str) -> str:
-    """Lowercase words only: what makes two texts 'the same text' for the split."""
-    return " ".join(re.findall(r"[a-z0-9']+", text.lower().replace("’", "'")))
-
-
 def split_of(text: str) -> str:
     digest = hashlib.sha1(normalize(text).encode()).digest()
     return "eval" if digest[0] < 256 * EVAL_SHARE else "train"
-
-
-def load_phrases(path: Path = HEADS_DIR / "phrases.txt") -> tuple[dict[str, list[str]], frozenset[str]]:
-    """(phrases by section, the normalized phrases marked "+ ": always trained on)."""
-    out: dict[str, list[str]] = defaultdict(list)
-    pinned = set()
-    section = None
-    for line in Path(path).read_text().splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        if m := re.fullmatch(r"== (\w+) ==", line):
-            section = m.group(1)
-            continue
-        if line.startswith("+ "):
-            line = line[2:].strip()
-            pinned.add(normalize(line))
-        out[section].append(line)
-    return dict(out), frozenset(pinned)
 
 
 _CODE = re.compile(r"[{}\[\]()<>=_*#/\\|~^@$%`♪]|\.\.|^[A-Z]+:|^[^A-Za-z\"']")

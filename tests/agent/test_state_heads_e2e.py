@@ -85,6 +85,48 @@ def test_a_turn_ends_on_the_frame_its_silence_is_long_enough_not_at_the_next_chu
     assert len(summary["turns"]) == 1
 
 
+class RejectHead:
+    """A stand-in state head, not a trained one: it rejects whatever it hears once
+    the user is silent (as SmolLM2's head once rejected a whole statement)."""
+
+    def decide(self, hidden, timing):
+        from agent.heads import Decision
+
+        return Decision("reject" if timing.silence_ms > 0 else "continue",
+                        (0.0, 0.0, 1.0) if timing.silence_ms > 0 else (1.0, 0.0, 0.0))
+
+
+def test_only_words_as_short_as_the_heads_rejects_while_listening_are_ignored(engine, tmp_path):
+    """The head learned to reject fillers and noise's transcripts while the agent is
+    silent; a longer statement it rejects is still the user's, answered at the longest
+    pause (``max_pause_ms``), not left unanswered."""
+    from agent.engine import Engine
+
+    standin = Engine(engine.config, engine.asr, engine.llm, engine.tts, RejectHead())
+    try:
+        out, summary = replay(standin, tmp_path,
+                              Utterance(say("Thank you.", tmp_path, "short"), delay=0.3),
+                              Utterance(say("My sister is moving to Boston next month with her two dogs.",
+                                            tmp_path, "long"), delay=2.5))
+    finally:
+        standin.close()
+    events = events_of(out)
+    rejected = [e["text"] for e in events if e["type"] == "transcript_rejected"]
+    assert len(rejected) == 1 and "thank" in rejected[0].lower()
+    (turn,) = summary["turns"]
+    assert "sister" in turn["user_text"].lower() and "dogs" in turn["user_text"].lower()
+    assert [e["decision"] for e in events if e["type"] == "decision" and e["decision"] == "timeout"] == ["timeout"]
+
+
+def test_the_longest_phrase_the_heads_learned_to_reject_while_listening_is_within_the_limit():
+    from agent.session import LISTEN_REJECT_MAX_WORDS
+    from agent.train_heads import load_phrases
+
+    phrases, _ = load_phrases()
+    longest = max(len(p.split()) for section in ("filler", "noise") for p in phrases[section])
+    assert longest <= LISTEN_REJECT_MAX_WORDS
+
+
 @pytest.fixture(scope="module")
 def noises(engine, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("noise")
@@ -218,19 +260,53 @@ def test_what_a_verdict_on_a_cut_in_comes_to():
     assert come_to("interrupt", 0.68, "and I'm on", ended=True, voiced_ms=440) == ("reject", False)
     assert come_to("interrupt", 0.79, "You're", paused=True, voiced_ms=240) == ("reject", False)
     assert come_to("interrupt", 0.73, "And enter.", stopped=True, voiced_ms=600) == ("reject", False)
-    assert come_to("interrupt", 0.73, "And enter.", voiced_ms=600) == ("interrupt", False)  # still going
+    assert come_to("interrupt", 0.73, "And enter. What", voiced_ms=600) == ("interrupt", False)  # still going
     # ... but not a short question, a word for stop, a sure verdict or a long cut-in.
     assert come_to("interrupt", 0.7, "Why?", ended=True) == ("interrupt", False)
     assert come_to("interrupt", 0.6, "Actually, what is", paused=True) == ("interrupt", False)
     assert come_to("interrupt", 0.6, "Stop, stop.", ended=True) == ("interrupt", False)
-    assert come_to("interrupt", 0.9, "Yeah.", ended=True, voiced_ms=240) == ("interrupt", False)
+    assert come_to("interrupt", 0.9, "No, it's blue.", ended=True, voiced_ms=900) == ("interrupt", False)
+    assert come_to("interrupt", 0.9, "No.", ended=True, voiced_ms=300) == ("interrupt", False)
     assert come_to("interrupt", 0.7, "That is not what I asked you about.", ended=True,
                    voiced_ms=1800) == ("interrupt", False)
+    # A backchannel said over the agent, and a pause after it: the agent goes on, however
+    # sure the head was ...
+    assert come_to("interrupt", 0.9, "Yeah.", ended=True, voiced_ms=240) == ("reject", False)
+    assert come_to("interrupt", 0.9, "I see.", ended=True, voiced_ms=500) == ("reject", False)
+    assert come_to("interrupt", 0.95, "Okay, yeah.", paused=True, voiced_ms=700) == ("reject", False)
+    # ... and so is a word or two that asks, stops, refuses and claims nothing (Whisper's
+    # "You're" for a "yeah" through a codec, "And then," for an "mm-hmm") ...
+    assert come_to("interrupt", 0.88, "You're", ended=True, voiced_ms=400) == ("reject", False)
+    assert come_to("interrupt", 0.98, "And then,", paused=True, voiced_ms=500) == ("reject", False)
+    # ... but before the pause the voice stays held: "Okay, so what about..." may follow.
+    assert come_to("interrupt", 0.98, "And then,", voiced_ms=500) == ("continue", False)
+    assert come_to("interrupt", 0.9, "Okay,", voiced_ms=400) == ("continue", False)
+    assert come_to("interrupt", 0.9, "Okay,", stopped=True, voiced_ms=400) == ("continue", False)
+    assert come_to("interrupt", 0.9, "Okay, so what about Rome?", ended=True, voiced_ms=1100) == ("interrupt", False)
     # An opener alone, or a lone word for stop before a pause: the words are to come.
     assert come_to("continue", 0.3, "Actually,", paused=True) == ("continue", True)
     assert come_to("reject", 0.1, "Wait,", paused=True) == ("continue", True)
     # ... unless somebody else said it.
     assert come_to("continue", 0.3, "Hey,", paused=True, distant=True) == ("continue", False)
+
+
+def test_a_nod_is_a_backchannel_or_a_word_or_two_that_asks_stops_refuses_and_claims_nothing():
+    from agent.session import is_nod
+
+    for heard in ("Mm-hmm.", "Oh, that makes sense.", "You're", "And then,", "Jupiter."):
+        assert is_nod(heard), heard
+    for heard in ("", "No.", "Why?", "Sorry?", "Wait.", "Hey,", "Actually,", "Tell me", "What is", "Don't.",
+                  "I see a problem."):
+        assert not is_nod(heard), heard
+
+
+def test_a_backchannel_is_one_or_a_few_of_the_listed_phrases_and_nothing_else():
+    from agent.session import is_backchannel
+
+    for heard in ("Mm-hmm.", "I see.", "Okay.", "Uh-huh, yeah.", "Yeah, yeah, yeah.", "Oh, I see.", "Right, right."):
+        assert is_backchannel(heard), heard
+    for heard in ("", "I see a problem.", "Okay, stop.", "Yeah, what about Rome?", "Right now.", "Wait."):
+        assert not is_backchannel(heard), heard
 
 
 def test_the_pauses_between_words_do_not_lower_the_level_of_speech(tmp_path):
