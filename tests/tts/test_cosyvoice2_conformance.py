@@ -8,8 +8,15 @@ Tolerances (max abs error), and why:
 - 1e-4 on LM logits (the brief's bound; we measure ~6e-6: float32 reassociation in Qwen2),
   plus *identical* greedy token choices (the smallest recorded top1-top2 margin is 7e-3).
 - 1e-4 on mu and mel frames (values up to ~5; measured ~5e-6 after 10 Euler steps).
-- 1e-5 on F0/source/waveform when HiFT gets the recorded inputs (measured <= 1.2e-6;
+- 1e-5 on source/waveform when HiFT gets the recorded inputs (measured <= 1.2e-6;
   waveforms peak ~0.25).
+- F0 relative to its peak (330 Hz): 1e-5, i.e. 3.3e-3 Hz. Float32's step at 330 is
+  3e-5 Hz, so an absolute 1e-5 asked for bit-identical convolutions: it held on the
+  AMD EPYC (AVX2) and failed on an AVX-512 Xeon, where the convolutions sum in another
+  order (measured 3.1e-4 Hz, about 10 float32 steps, 2026-11-29).
+- Source and waveform computed from *our* F0 (seeded inference, streaming) inherit that
+  difference through the phase integral below: the 5e-3 bound of the next line
+  (measured on the Xeon: source 5.3e-4, waveform 1.5e-3; on the EPYC under 1e-5).
 - 5e-3 on the waveform when HiFT starts from *our* mel: a ~4e-6 mel difference moves F0 by
   ~1e-4 Hz, and the source phase integrates F0 over 480 samples per frame times 9
   harmonics, so the sine source drifts by up to ~1e-3 (measured 4e-4 .. 3e-3).  The exact
@@ -33,6 +40,8 @@ LOGIT_TOL = 1e-4
 MEL_TOL = 1e-4
 WAVE_TOL = 1e-5
 WAVE_FROM_OUR_MEL_TOL = 5e-3
+F0_REL_TOL = 1e-5
+WAVE_FROM_OUR_F0_TOL = WAVE_FROM_OUR_MEL_TOL
 
 
 def _shared_dir() -> Path:
@@ -70,8 +79,9 @@ def vec():
 def test_hift_f0_predictor_matches(parts, vec):
     v = vec["hift"]
     f0 = parts.hift.f0_predictor(v["mel"])
-    assert maxerr(f0, v["f0"]) < WAVE_TOL
-    assert maxerr(f0.repeat_interleave(480, dim=1)[:, :, None], v["f0_upsampled"]) < WAVE_TOL
+    tol = F0_REL_TOL * v["f0"].abs().max().item()
+    assert maxerr(f0, v["f0"]) < tol
+    assert maxerr(f0.repeat_interleave(480, dim=1)[:, :, None], v["f0_upsampled"]) < tol
 
 
 def test_hift_source_from_injected_random_draws(parts, vec):
@@ -93,20 +103,20 @@ def test_hift_seeded_inference_draws_like_upstream(parts, vec):
     v = vec["hift"]
     torch.manual_seed(401)
     speech, source = parts.hift.inference(v["mel"])
-    assert maxerr(source, v["source"]) < WAVE_TOL
-    assert maxerr(speech, v["speech"]) < WAVE_TOL
+    assert maxerr(source, v["source"]) < WAVE_FROM_OUR_F0_TOL
+    assert maxerr(speech, v["speech"]) < WAVE_FROM_OUR_F0_TOL
 
 
 def test_hift_two_chunk_stream_with_cached_source(parts, vec):
     v = vec["hift"]
     torch.manual_seed(402)
     s1, src1 = parts.hift.inference(v["stream_chunk1_mel"])
-    assert maxerr(src1, v["stream_chunk1_source"]) < WAVE_TOL
-    assert maxerr(s1, v["stream_chunk1_speech"]) < WAVE_TOL
+    assert maxerr(src1, v["stream_chunk1_source"]) < WAVE_FROM_OUR_F0_TOL
+    assert maxerr(s1, v["stream_chunk1_speech"]) < WAVE_FROM_OUR_F0_TOL
     s2, src2 = parts.hift.inference(v["stream_chunk2_mel"], cache_source=v["stream_chunk2_cache_source"])
     assert torch.equal(src2[:, :, :3840], v["stream_chunk2_cache_source"])
-    assert maxerr(src2, v["stream_chunk2_source"]) < WAVE_TOL
-    assert maxerr(s2, v["stream_chunk2_speech"]) < WAVE_TOL
+    assert maxerr(src2, v["stream_chunk2_source"]) < WAVE_FROM_OUR_F0_TOL
+    assert maxerr(s2, v["stream_chunk2_speech"]) < WAVE_FROM_OUR_F0_TOL
 
 
 # ---------------------------------------------------------------------------- LM
