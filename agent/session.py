@@ -123,6 +123,7 @@ LISTEN_REJECT_MAX_WORDS = 6
 # it, it is one whatever the head's confidence: flite awb's "I see." was judged
 # interrupt at 0.90 in every bench run of 2026-11-28 and the night after.
 BACKCHANNELS = frozenset(normalize(p) for p in load_phrases()[0]["backchannel"])
+BACKCHANNEL_WORDS = max(len(p.split()) for p in BACKCHANNELS)  # the longest listed, in words
 # ... and so is a cut-in of a word or two that asks nothing, says no word for stop
 # and no "no", and claims nothing: a nod, or Whisper's words for one through a
 # codec ("You're" for flite's "yeah", "And then," for "mm-hmm", judged interrupt at
@@ -229,10 +230,11 @@ def asks(text: str) -> bool:
 def is_backchannel(text: str) -> bool:
     """``text`` is one backchannel or a few in a row ("Okay, I see.", "Yeah, yeah, yeah.")."""
     words = normalize(text).split()
-    # fits[i]: the first i words are whole backchannels (phrases are up to 3 words)
+    # fits[i]: the first i words are whole backchannels
     fits = [True] + [False] * len(words)
     for i in range(1, len(words) + 1):
-        fits[i] = any(fits[j] and " ".join(words[j:i]) in BACKCHANNELS for j in range(max(0, i - 3), i))
+        fits[i] = any(fits[j] and " ".join(words[j:i]) in BACKCHANNELS
+                      for j in range(max(0, i - BACKCHANNEL_WORDS), i))
     return bool(words) and fits[-1]
 
 
