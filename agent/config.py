@@ -62,6 +62,7 @@ class Config:
     distant_db: float = field(default=5.0, metadata={"help": "speech this many dB below the user's own voice (measured on the turns answered) is someone else: no hold, no turn (0: off)"})
     max_history_turns: int = field(default=8, metadata={"help": "conversation turns kept for the LLM"})
     max_new_tokens: int = field(default=80, metadata={"help": "longest reply, in LLM tokens"})
+    say_again: str = field(default="Sorry, I didn't catch that. Could you say it again?", metadata={"help": "said instead of a reply that holds no words (nothing speakable, or only numbers and punctuation): the user is asked to repeat rather than met with silence ('': silence)"})
     temperature: float = field(default=0.0, metadata={"help": "LLM sampling temperature; 0 is greedy"})
     system_prompt: str = field(default=DEFAULT_SYSTEM_PROMPT, metadata={"help": "the agent's system prompt"})
 

@@ -365,6 +365,9 @@ class Reply:
     first_audio_ms: float = 0.0
     prefill_tokens: int = 0
     t_asr_done: float = 0.0
+    # The user's onset (``Session._cut_in_id``) whose speech the VAD had not yet
+    # closed when the turn was judged over; None: it had.
+    open_utterance: int | None = None
     # Says the rest of a reply a cut-in stopped; the groups of it heard whole before
     # the cut (the history joins the two into one answer). None: a reply of its own.
     resumes: str | None = None
@@ -1014,7 +1017,8 @@ class Session:
     def _start_reply(self, audio: np.ndarray, user_end: float, confirmed: bool, turn: UserTurn | None = None,
                      rest: np.ndarray | None = None) -> None:
         reply = Reply(user_end=user_end, audio=audio, confirmed=confirmed, turn=turn, rest=rest,
-                      heard_until=self._heard_until())
+                      heard_until=self._heard_until(),
+                      open_utterance=self._cut_in_id if self._utterance is not None else None)
         self._reply = reply
         if confirmed:
             self._set_state(State.THINKING)
@@ -1066,11 +1070,15 @@ class Session:
         reply.decoder = SpeechDecoder(engine.tts, engine.tts_executor, loop,
                                       on_audio=lambda a, t: self._on_audio(reply, a, t),
                                       on_group=lambda g: self.emit(AgentText(self.now, g)),
-                                      ahead=lambda: self._outbox.samples / SAMPLE_RATE)
+                                      ahead=lambda: self._outbox.samples / SAMPLE_RATE,
+                                      say_again=self.config.say_again)
         try:
             await loop.run_in_executor(engine.model_executor, self._generate, reply, messages)
         finally:
             reply.decoder.end()
+        if reply.decoder.said_instead:
+            log.info("reply %r holds no words: said %r instead", reply.generated, reply.decoder.said_instead)
+            reply.generated = reply.decoder.said_instead  # what the user heard is what the history keeps
         await reply.decoder.done
         reply.synth_done = True
         if not reply.decoder.spoken_text and not reply.cancel.is_set():
@@ -1091,6 +1099,8 @@ class Session:
                 reply.llm_first_token_ms = (time.monotonic() - t0) * 1000
             pieces.append(piece)
             reply.decoder.feed(piece)
+            if reply.decoder.said_instead:
+                break  # a wordless reply was replaced: the rest of it would not be heard
             self.engine.model_worker.yield_point()  # listening work must not wait for the whole reply
             self._await_first_group(reply.decoder)
         reply.generated = "".join(pieces).strip()
@@ -1219,7 +1229,13 @@ class Session:
         ``statement_gap_ms``: after "I have a job interview on Thursday." a listener
         leaves room for more (over WebRTC, 7 of 30 long turns with pauses heard the
         agent start in a pause of 0.5-1 s once it answered in about 1 s; 2026-11-28).
-        A question or a request is answered as soon as the reply is ready."""
+        A question or a request is answered as soon as the reply is ready, and
+        the VAD has closed the words it answers: a reply ready sooner (here a
+        wordless one, replaced at once) would meet the user's own last words,
+        still open, as a cut-in over it, and hold, then stop for them."""
+        if (reply.open_utterance == self._cut_in_id and self._utterance is not None
+                and self._endpointer.silence_ms > 0):
+            return True  # closed within endpoint_silence_ms; voice again is a cut-in, as before
         gap = self.config.statement_gap_ms
         text = reply.user_text.strip()
         if not gap or reply.turn is None or not text or asks(text):

@@ -197,11 +197,13 @@ def chunk_buckets(rows: list[dict], sfx: str = "") -> dict:
 
 def run(config: Config, out_path: Path | None = None, limit: int | None = None,
         adapter_limit: int = 40, nopad_limit: int = 30, verbose: bool = True, compare_int8: bool = False,
-        compare_step_ahead: bool = False) -> dict:
+        compare_step_ahead: bool = False, compare_window: tuple[float, float] | None = None) -> dict:
     """The whole benchmark; returns (and with ``out_path`` writes as JSON) its figures.
     ``compare_int8``: stream every utterance with the float32 and the int8 model
     (speech_encoder.asr.quantize_int8), side by side; ``compare_step_ahead``: with
-    the end step taken a frame ahead and without (figures ``_no_ahead``)."""
+    the end step taken a frame ahead and without (figures ``_no_ahead``);
+    ``compare_window`` (max, hard): also with the encoder window cut once longer
+    than max seconds, everything committed past hard (figures ``_window``)."""
     import torch
 
     from agent import models
@@ -225,6 +227,11 @@ def run(config: Config, out_path: Path | None = None, limit: int | None = None,
         model = streams[""].model
         streams["_no_ahead"] = StreamingTranscriber(model, config.language, StreamingOptions(step_ahead=False),
                                                     model_name=config.asr_model)
+    if compare_window:
+        max_s, hard_s = compare_window
+        streams["_window"] = StreamingTranscriber(streams[""].model, config.language,
+                                                  StreamingOptions(max_window_s=max_s, hard_window_s=hard_s),
+                                                  model_name=config.asr_model)
     t0 = time.monotonic()
     utts = asr_test_set(config.cache_dir, limit)
     say(f"{len(utts)} utterances synthesized in {time.monotonic() - t0:.0f} s "
@@ -269,6 +276,7 @@ def run(config: Config, out_path: Path | None = None, limit: int | None = None,
     kinds = ("offline", "padded", "window") + tuple("streaming" + sfx for sfx in streams)
     result = {"machine": machine(), "utterances": len(rows), "chunk_ms": config.chunk_ms, "io_ms": config.io_ms,
               "asr_model": config.asr_model, "streaming_int8": bool(config.asr_int8 and not compare_int8),
+              "window_s": [ws.options.max_window_s, ws.options.hard_window_s] if (ws := streams.get("_window")) else None,
               "wer": {k: wer(refs, [r[k] for r in rows], lang) for k in kinds},
               "wer_by_voice": {}, "offline_ms_p50": pct([r["offline_ms"] for r in rows], 50)}
     for sfx in streams:
@@ -337,6 +345,7 @@ def report(res: dict, say=print) -> None:
     for sfx in sfxs:
         name = "streaming, int8 model" if sfx == "_int8" or res.get("streaming_int8") else "streaming"
         name += ", end step not ahead" if sfx == "_no_ahead" else ""
+        name += f", window {res['window_s'][0]:g} / {res['window_s'][1]:g} s" if sfx == "_window" else ""
         say(f"     {name + ':':45}{w['streaming' + sfx]:.1%}"
             f"  ({w['streaming' + sfx] / max(w['offline'], 1e-9):.2f}x offline)")
     for voice, v in res["wer_by_voice"].items():
@@ -371,10 +380,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="stream each utterance with the float32 and the int8 Whisper, side by side")
     parser.add_argument("--compare-step-ahead", action="store_true",
                         help="stream each utterance with the end step taken a frame ahead and without, side by side")
+    parser.add_argument("--compare-window", type=_window_pair, default=None, metavar="MAX,HARD",
+                        help="also stream each utterance with the encoder window cut past MAX s (everything "
+                             "committed past HARD s), side by side with the default window")
+
+
+def _window_pair(text: str) -> tuple[float, float]:
+    try:
+        max_s, hard_s = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected MAX,HARD in seconds, e.g. 5,8; got {text!r}") from None
+    if not 1.0 < max_s <= hard_s <= 28.0:
+        raise argparse.ArgumentTypeError(f"need 1 < MAX <= HARD <= 28 s, got {text!r}")
+    return max_s, hard_s
 
 
 def main(args: argparse.Namespace, config: Config, machine_name: str) -> int:
     """``run_agent.py bench asr`` (the engine flags are added by run_agent.py)."""
     run(config, args.out, args.limit, args.adapter_limit, compare_int8=args.compare_int8,
-        compare_step_ahead=args.compare_step_ahead)
+        compare_step_ahead=args.compare_step_ahead, compare_window=args.compare_window)
     return 0

@@ -10,11 +10,19 @@ the grouping and the synthesis within one piece of work; nothing reaches back up
 ``ahead`` (optional) says how many seconds of audio wait to be played; with the
 text already queued for the voice it tells when the speech is about to run dry,
 and then groups are cut short (``ClauseGrouper.push(urgent=True)``).
+
+``say_again`` (optional) is said instead of a reply that holds no words: nothing
+speakable, or only numbers and punctuation ("1. 1. 1. 1.", a small model's loop
+on a misheard turn). Text with no letter is held until a word comes; a lone
+number ("8.") is an answer and is voiced at the end; a second number before any
+word decides it at once. A user who is met with silence, or with a count, does
+not know they were misheard; asked to say it again, they do.
 """
 from __future__ import annotations
 
 import asyncio
 import queue
+import re
 import threading
 from concurrent.futures import Executor
 from typing import Callable, Iterator
@@ -28,6 +36,8 @@ from speech_encoder.audio import resample
 from tts.base import TTSBackend
 
 _END = object()
+_LETTER = re.compile(r"[^\W\d_]")
+_NUMBER = re.compile(r"\d+(?:[.,]\d+)*")  # "3.14" and "1,000" are one number
 CHARS_PER_S = 15.0  # speaking rate of the voices, near enough (Piper joe: 14-16)
 URGENT_S = 1.5  # less speech than this ahead (played or queued as text): cut groups short
 
@@ -35,7 +45,7 @@ URGENT_S = 1.5  # less speech than this ahead (played or queued as text): cut gr
 class SpeechDecoder:
     def __init__(self, tts: TTSBackend, executor: Executor, loop: asyncio.AbstractEventLoop,
                  on_audio: Callable[[np.ndarray, str], None], on_group: Callable[[str], None] | None = None,
-                 pacing: Pacing = Pacing(), ahead: Callable[[], float] | None = None):
+                 pacing: Pacing = Pacing(), ahead: Callable[[], float] | None = None, say_again: str = ""):
         self._tts = tts
         self._loop = loop
         self._on_audio = on_audio
@@ -46,6 +56,10 @@ class SpeechDecoder:
         self._ahead = ahead
         self._lock = threading.Lock()
         self._queued_chars = 0  # text sent to the voice whose audio has not come back
+        self._say_again = say_again
+        self._held: list[str] = []  # groups with no letter yet, before the reply's first word
+        self._worded = not say_again  # a word has been voiced (or no check asked for)
+        self.said_instead = ""  # say_again, once said in place of a wordless reply: no text is taken after it
         self.cancelled = threading.Event()
         self.first_done = threading.Event()  # the first group is synthesized (or never will be)
         self.spoken_text: list[str] = []  # normalised groups sent to the voice, in order
@@ -55,7 +69,7 @@ class SpeechDecoder:
 
     # -- called from the LLM worker thread --
     def feed(self, text: str) -> None:
-        if not self.cancelled.is_set():
+        if not self.cancelled.is_set() and not self.said_instead:
             self._queue_groups(self._grouper.push(self._fences.push(text), self._running_dry()))
 
     def _running_dry(self) -> bool:
@@ -67,21 +81,39 @@ class SpeechDecoder:
 
     def end(self) -> None:
         """No more text: flush what is held and let synthesis finish."""
-        if not self.cancelled.is_set():
-            self._grouper.push(self._fences.flush())
-            self._queue_groups(self._grouper.flush())
+        if not self.cancelled.is_set() and not self.said_instead:
+            self._queue_groups(self._grouper.push(self._fences.flush()) + self._grouper.flush())
+            if not self._worded and not self.said_instead:
+                held = " ".join(self._held)
+                self._voice(held if len(_NUMBER.findall(held)) == 1 else self._instead())
         self._groups.put(_END)
+
+    def _instead(self) -> str:
+        self.said_instead = self._say_again
+        return self._say_again
 
     def _queue_groups(self, groups: list[str]) -> None:
         for g in groups:
             spoken = normalize(g)
-            if spoken:
-                self.spoken_text.append(spoken)
-                with self._lock:
-                    self._queued_chars += len(spoken)
-                if self._on_group:
-                    self._loop.call_soon_threadsafe(self._on_group, spoken)
-                self._groups.put(spoken)
+            if not spoken or self.said_instead:
+                continue
+            if not self._worded:
+                if not _LETTER.search(spoken):
+                    self._held.append(spoken)
+                    if len(_NUMBER.findall(" ".join(self._held))) > 1:
+                        self._voice(self._instead())
+                    continue
+                self._worded = True
+                spoken = " ".join(self._held + [spoken])
+            self._voice(spoken)
+
+    def _voice(self, spoken: str) -> None:
+        self.spoken_text.append(spoken)
+        with self._lock:
+            self._queued_chars += len(spoken)
+        if self._on_group:
+            self._loop.call_soon_threadsafe(self._on_group, spoken)
+        self._groups.put(spoken)
 
     # -- any thread --
     def cancel(self) -> None:

@@ -204,6 +204,16 @@ def decoder_logits(model, tokens: list[int], audio: torch.Tensor, kv_cache: dict
     return (x @ dec.token_embedding.weight.to(x.dtype).T).float()
 
 
+def compile_alignment() -> None:
+    """Compile the DTW that finds where to cut a long window (openai-whisper's,
+    numba-jitted: 1.3-2.1 s on its first call here, then 0.4 ms). Called once
+    per process at load; else the first utterance longer than ``max_window_s``
+    stalls the model thread, and the LLM and the state head with it, that long."""
+    from whisper.timing import dtw
+
+    dtw(-torch.rand(3, 5))
+
+
 def _truncate_self_attention(model, kv_cache: dict, length: int) -> None:
     """Keep the first ``length`` positions of the decoder's self-attention cache
     (the cross-attention's keys and values, of the audio, stay as they are)."""

@@ -303,3 +303,62 @@ def test_a_reply_stopped_by_a_cut_in_that_proves_empty_is_taken_up_again(engine)
     assert ends == ["interrupted", "finished"]
     (answer,) = session.history  # one answer, each of its words once
     assert answer == {"role": "assistant", "content": line}, answer
+
+
+class CountingLLM:
+    """A stand-in for the reply only, not a trained model: the real LLM reads the
+    prompt, and the reply is the count a small model looped into on a misheard
+    turn (SmolLM2's "1. 1. 1. 1." in the two-agent simulation)."""
+
+    def __init__(self, llm):
+        self._llm = llm
+        self.taken = 0  # pieces of the reply the session asked for
+
+    def __getattr__(self, name):
+        return getattr(self._llm, name)
+
+    def generate(self, cache, max_new_tokens, cancel, *args, **kwargs):
+        for i in range(max_new_tokens):
+            if cancel.is_set():
+                return
+            self.taken += 1
+            yield "1." if i == 0 else " 1."
+
+
+@pytest.fixture(scope="module")
+def counted(engine, tmp_path_factory):
+    """A question answered by a count: the stand-in's reply is ready at once."""
+    from agent.engine import Engine
+
+    tmp = tmp_path_factory.mktemp("counted")
+    llm = CountingLLM(engine.llm)
+    standin = Engine(engine.config, engine.asr, llm, engine.tts, engine.head)
+    try:
+        out, summary = replay(standin, tmp, Utterance(say("What should I see in Lisbon?", tmp, "q"), delay=0.3))
+    finally:
+        standin.close()
+    return out, summary, llm
+
+
+def test_a_reply_with_no_words_asks_the_user_to_say_it_again(engine, counted):
+    """Met with silence or a count, a user cannot tell they were misheard; asked
+    to say it again, they do. What they heard is what the history keeps."""
+    out, summary, llm = counted
+    (turn,) = summary["turns"]
+    assert turn["agent_text"] == engine.config.say_again
+    assert [e["text"] for e in events_of(out) if e["type"] == "agent_text"] == [engine.config.say_again]
+    assert llm.taken < 10  # the count was told at its second number, not generated to the end
+    heard = engine.asr.transcribe(agent_track(out)).text.lower()
+    assert "again" in heard, heard
+
+
+def test_a_reply_ready_before_the_users_last_words_are_closed_is_not_cut_in_on_by_them(counted):
+    """The user's question, its speech still open to the VAD, is not a cut-in over
+    the answer to it: the answer waits the few frames until the VAD closes it."""
+    out, summary, _ = counted
+    events = events_of(out)
+    (end,) = [e["t"] for e in events if e["type"] == "user_speech_end"]
+    (start,) = [e["t"] for e in events if e["type"] == "agent_speech_start"]
+    assert start >= end
+    assert not [e for e in events if e["type"] == "decision" and e["decision"] in ("hold", "duck")]
+    assert not summary["turns"][0]["interrupted"]

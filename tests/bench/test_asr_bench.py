@@ -1,5 +1,9 @@
 """The ASR benchmark's yardsticks: the test set and the word error rate."""
-from bench.asr import edit_distance, normalizer, pct, wer
+import argparse
+
+import pytest
+
+from bench.asr import _window_pair, edit_distance, normalizer, pct, wer
 from bench.corpus import VOICES, Synthesizer, asr_test_set, read_texts
 
 
@@ -10,6 +14,13 @@ def test_the_test_set_has_at_least_150_varied_utterances_and_three_engines():
     assert sum(len(t.split()) >= 25 for t in texts) >= 10  # long sentences
     assert sum(any(f in t.lower().split() for f in ("um,", "uh,", "hmm,")) for t in texts) >= 5  # hesitations
     assert {v.split(":")[0] for v in VOICES} == {"piper", "flite", "espeak"}
+
+
+def test_a_window_to_compare_is_given_as_max_and_hard_seconds():
+    assert _window_pair("5,8") == (5.0, 8.0)
+    for bad in ("5", "8,5", "0.5,2", "5,40", "five,eight"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            _window_pair(bad)
 
 
 def test_the_normalizer_ignores_case_punctuation_fillers_and_how_numbers_are_written():

@@ -87,36 +87,3 @@ def test_a_later_sentence_is_cut_at_a_phrase_when_the_voice_is_about_to_run_dry(
     urgent += g.flush()
     assert urgent[0] == "It stretches across the Earth"  # cut before "from"
     assert " ".join(urgent) == text
-
-
-def test_the_decoder_cuts_short_only_while_little_speech_is_ahead():
-    import asyncio
-    from concurrent.futures import ThreadPoolExecutor
-
-    import numpy as np
-
-    from speech_decoder.decoder import SpeechDecoder
-    from tts.base import SpeechPiece, TTSBackend
-
-    class Silent(TTSBackend):
-        """A voice that returns 10 ms of silence per group: grouping only is under test."""
-        sample_rate = 16000
-
-        def stream(self, text, cancel):
-            for t in text:
-                yield SpeechPiece(np.zeros(160, np.float32), t)
-
-    async def groups_with(ahead_s: float) -> list[str]:
-        loop = asyncio.get_running_loop()
-        with ThreadPoolExecutor(1) as pool:
-            d = SpeechDecoder(Silent(), pool, loop, on_audio=lambda a, t: None, ahead=lambda: ahead_s)
-            d.feed("The ocean is vast. ")
-            await asyncio.sleep(0.05)  # the first group's (silent) audio comes back
-            for word in "It stretches across the Earth from the North Pole to the South Pole. ".split(" "):
-                d.feed(word + " ")
-            d.end()
-            await d.done
-        return d.spoken_text
-
-    assert asyncio.run(groups_with(10.0))[1] == "It stretches across the Earth from the North Pole to the South Pole."
-    assert asyncio.run(groups_with(0.0))[1] == "It stretches across the Earth"

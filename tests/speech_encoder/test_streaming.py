@@ -122,6 +122,18 @@ def test_a_60_s_utterance_keeps_the_window_and_the_work_per_chunk_bounded(transc
     assert words.count("river") >= 2 and words.count("nurse") >= 2
 
 
+def test_the_alignment_that_cuts_long_windows_can_be_compiled_before_the_first_long_utterance():
+    """Engine.load compiles it: compiled by the first cut it stalled the model thread 1.3-2.1 s."""
+    import sys
+    from pathlib import Path
+
+    code = ("from whisper.timing import dtw_cpu; from speech_encoder.streaming import compile_alignment; "
+            "before = len(dtw_cpu.signatures); compile_alignment(); print(before, len(dtw_cpu.signatures))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[2], capture_output=True,
+                          text=True, check=True)
+    assert done.stdout.split() == ["0", "1"]
+
+
 def test_the_multilingual_model_follows_the_language_or_detects_it(tmp_path):
     cache = config_from().cache_dir
     if models.status(cache, "whisper-base") != "ready" or not shutil.which("espeak-ng"):
