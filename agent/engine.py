@@ -18,7 +18,6 @@ from agent import models
 from agent.config import Config
 from agent.llm import ChatLLM, PrefixCache
 from speech_encoder.asr import WhisperASR
-from speech_encoder.streaming import compile_alignment
 from tts.base import TTSBackend
 
 log = logging.getLogger(__name__)
@@ -127,8 +126,6 @@ class Engine:
         paths = {n: get(config.cache_dir, n) for n in names}
         t1 = time.monotonic()
         asr = WhisperASR(paths[names[0]] / "model.pt", config.language, config.torch_threads, int8=config.asr_int8)
-        if config.streaming:
-            compile_alignment()
         t2 = time.monotonic()
         llm = ChatLLM(paths[names[1]], config.torch_threads, config.llm_dtype)
         t3 = time.monotonic()

@@ -204,14 +204,39 @@ def decoder_logits(model, tokens: list[int], audio: torch.Tensor, kv_cache: dict
     return (x @ dec.token_embedding.weight.to(x.dtype).T).float()
 
 
-def compile_alignment() -> None:
-    """Compile the DTW that finds where to cut a long window (openai-whisper's,
-    numba-jitted: 1.3-2.1 s on its first call here, then 0.4 ms). Called once
-    per process at load; else the first utterance longer than ``max_window_s``
-    stalls the model thread, and the LLM and the state head with it, that long."""
-    from whisper.timing import dtw
+def dtw_path(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The cheapest path through the cost matrix ``x`` [N, M] from its first cell
+    to its last, each move one row down, one column right, or both: the rows and
+    the columns of its cells, in order (what whisper.timing.dtw returns).
 
-    dtw(-torch.rand(3, 5))
+    Ours, not openai-whisper's: that one is numba-compiled on its first call,
+    1.3-2.1 s here, which is the model thread stalled (the LLM and the state head
+    with it) on the first utterance long enough for a window cut. This one takes
+    about 1 ms on 60 x 600 and compiles nothing. A row at a time is one numpy
+    scan: reaching cell j of row i along the row
+    from cell k costs what reaching k from above did, plus x[i, k..j], so
+    cost[i, j] = S[j] + min over k <= j of (above[k] - S[k - 1]), S the row's
+    running sum."""
+    x = np.asarray(x, dtype=np.float64)
+    n, m = x.shape
+    cost = np.full((n + 1, m + 1), np.inf)
+    cost[0, 0] = 0.0
+    for i in range(1, n + 1):
+        above = np.minimum(cost[i - 1, :-1], cost[i - 1, 1:])  # from the cell above-left or above
+        run = np.cumsum(x[i - 1])
+        cost[i, 1:] = run + np.minimum.accumulate(above - (run - x[i - 1]))
+    # The move into each cell: the cheapest, diagonal first on a tie, then down.
+    # (whisper.timing's recurrence takes the move along the row on some ties even
+    # when it costs more; without ties the two paths are the same.)
+    diag, down, along = cost[:-1, :-1], cost[:-1, 1:], cost[1:, :-1]
+    move = np.where((diag <= down) & (diag <= along), 0, np.where(down <= along, 1, 2))
+    i, j, cells = n, m, []
+    while i > 0 or j > 0:
+        cells.append((i - 1, j - 1))
+        step = 2 if i == 0 else 1 if j == 0 else move[i - 1, j - 1]
+        i, j = (i - 1, j - 1) if step == 0 else (i - 1, j) if step == 1 else (i, j - 1)
+    path = np.array(cells[::-1])
+    return path[:, 0], path[:, 1]
 
 
 def _truncate_self_attention(model, kv_cache: dict, length: int) -> None:
@@ -651,7 +676,7 @@ class StreamingTranscriber:
         for every word boundary k among them. Cross-attention of the alignment
         heads, standardized and median-filtered, then DTW, as in whisper.timing."""
         from whisper.model import disable_sdpa
-        from whisper.timing import dtw, median_filter
+        from whisper.timing import median_filter
 
         tok, model = self.tokenizer, self.model
         text = self._committed + self._tail
@@ -669,7 +694,7 @@ class StreamingTranscriber:
         std, mean = torch.std_mean(w, dim=-2, keepdim=True, unbiased=False)
         w = median_filter((w - mean) / (std + 1e-8), 7).mean(0)
         rows = w[len(tok.sot_sequence_including_notimestamps) - 1:]  # no-timestamps, text, end
-        path_rows, path_cols = dtw(-rows)
+        path_rows, path_cols = dtw_path(-rows.double().numpy())
         first = {}
         for r, c in zip(path_rows, path_cols):
             first.setdefault(int(r), int(c))
