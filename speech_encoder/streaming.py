@@ -212,11 +212,10 @@ def dtw_path(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     Ours, not openai-whisper's: that one is numba-compiled on its first call,
     1.3-2.1 s here, which is the model thread stalled (the LLM and the state head
     with it) on the first utterance long enough for a window cut. This one takes
-    about 1 ms on 60 x 600 and compiles nothing. A row at a time is one numpy
-    scan: reaching cell j of row i along the row
-    from cell k costs what reaching k from above did, plus x[i, k..j], so
-    cost[i, j] = S[j] + min over k <= j of (above[k] - S[k - 1]), S the row's
-    running sum."""
+    about 1 ms on 60 x 600 and compiles nothing. Each row is one numpy scan:
+    reaching cell j of row i along the row from cell k costs what reaching k from
+    above did, plus x[i, k..j], so cost[i, j] = S[j] + min over k <= j of
+    (above[k] - S[k - 1]), with S the row's running sum."""
     x = np.asarray(x, dtype=np.float64)
     n, m = x.shape
     cost = np.full((n + 1, m + 1), np.inf)
