@@ -893,12 +893,16 @@ class Session:
             self.emit(TranscriptRejected(self.now, turn.text, "quieter than the user's voice: not addressed to the agent"))
             return
         if turn is None:
-            if not (ep.in_speech and ep.silence_ms == 0 and self._utterance is not None):
-                return
-            if self._distant():
-                return  # somebody else (a TV, a conversation in the room): no turn
             if self._held:
+                # A reply dropped because the user went on: their turn goes on now,
+                # voiced at this frame or not. Reopened on voice only, it was lost
+                # when the words stopped first (the two-agent simulation: "...
+                # You know Lisbon." dropped, then silence, and neither agent spoke).
                 frames = self._held + [f for t, f in self._recent if t >= self._held_until]
+            elif not (ep.in_speech and ep.silence_ms == 0 and self._utterance is not None):
+                return
+            elif self._distant():
+                return  # somebody else (a TV, a conversation in the room): no turn
             else:
                 frames = list(self._utterance)
             turn = self._open_turn(frames)

@@ -346,3 +346,40 @@ def test_a_word_that_opens_on_a_hiss_is_guessed_at_the_level_of_its_voice(text, 
     assert speech_level_db(onset_levels_db(first * 10 ** (-15 / 20))) < voice - margin
     vowel = trim(say("Ah, right.", tmp_path, "vowel"))[:4 * FRAME_SAMPLES]
     np.testing.assert_allclose(onset_levels_db(vowel), frame_levels_db(vowel))
+
+
+def test_a_reply_dropped_for_a_word_that_ends_before_the_chunk_does_is_still_answered(engine, tmp_path):
+    """The user adds a short sound after the turn was judged over, before the
+    endpointer has closed it: the reply is dropped and the turn goes on. Reopened
+    only if the user was voiced at that chunk's end, the turn was lost when the
+    sound had already stopped, and nobody spoke again (the two-agent simulation's
+    deadlock, CI 2026-11-29)."""
+    from agent.config import SAMPLE_RATE
+    from agent.engine import Engine
+    from speech_encoder.vad import Endpointer
+
+    frame, chunk = 320, engine.config.chunk_ms / 1000
+    question = say("What is two plus two?", tmp_path, "q")
+    vowel = say("Ah.", tmp_path, "ah")
+    ep = Endpointer()
+    voiced = [i for i in range(len(vowel) // frame) if ep.is_speech(vowel[i * frame:(i + 1) * frame])]
+    burst = vowel[voiced[0] * frame:(voiced[0] + 6) * frame]  # 120 ms of voice
+    last_voiced = 0.3 + 0.02 * (1 + max(i for i in range(len(question) // frame)
+                                        if ep.is_speech(question[i * frame:(i + 1) * frame])))
+    # The head ends the turn after 100 ms of silence (judged ~60 ms on); the burst
+    # starts 20 ms into a chunk, before the endpointer's 400 ms close the question,
+    # so that at the chunk's end it has 120 ms of voice and has just stopped.
+    start = (int((last_voiced + 0.22 - 0.02) / chunk) + 1) * chunk + 0.02
+    assert start <= last_voiced + 0.38
+    standin = Engine(engine.config, engine.asr, engine.llm, engine.tts, SilenceHead(after_ms=100))
+    try:
+        out, summary = replay(standin, tmp_path, Utterance(question, delay=0.3),
+                              Utterance(burst, delay=start - 0.3 - len(question) / SAMPLE_RATE))
+    finally:
+        standin.close()
+    events = events_of(out)
+    decisions = [e["decision"] for e in events if e["type"] == "decision"]
+    assert "resume" in decisions  # the reply was dropped for the burst...
+    assert len([e for e in events if e["type"] == "user_speech_start"]) == 1  # ... inside the question's speech
+    (turn,) = summary["turns"]  # ... and the turn, heard again, answered
+    assert re.search(r"\b(two|2)\b", turn["user_text"].lower())
