@@ -178,9 +178,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # -vv is for our own decisions; numba (imported by openai-whisper) logs its
-    # compiler's every pass when anything is jitted, thousands of lines.
-    logging.getLogger("numba").setLevel(logging.WARNING)
     from agent.models import ModelError
     from speech_encoder.audio import AudioFormatError
 

@@ -119,8 +119,8 @@ def test_only_words_as_short_as_the_heads_rejects_while_listening_are_ignored(en
 
 
 def test_the_longest_phrase_the_heads_learned_to_reject_while_listening_is_within_the_limit():
+    from agent.heads import load_phrases
     from agent.session import LISTEN_REJECT_MAX_WORDS
-    from agent.train_heads import load_phrases
 
     phrases, _ = load_phrases()
     longest = max(len(p.split()) for section in ("filler", "noise") for p in phrases[section])
@@ -362,10 +362,13 @@ def test_a_reply_dropped_for_a_word_that_ends_before_the_chunk_does_is_still_ans
     question = say("What is two plus two?", tmp_path, "q")
     vowel = say("Ah.", tmp_path, "ah")
     ep = Endpointer()
-    voiced = [i for i in range(len(vowel) // frame) if ep.is_speech(vowel[i * frame:(i + 1) * frame])]
-    burst = vowel[voiced[0] * frame:(voiced[0] + 6) * frame]  # 120 ms of voice
-    last_voiced = 0.3 + 0.02 * (1 + max(i for i in range(len(question) // frame)
-                                        if ep.is_speech(question[i * frame:(i + 1) * frame])))
+
+    def voiced(audio):  # indices of the VAD frames heard as speech
+        return [i for i in range(len(audio) // frame) if ep.is_speech(audio[i * frame:(i + 1) * frame])]
+
+    first = voiced(vowel)[0]
+    burst = vowel[first * frame:(first + 6) * frame]  # 120 ms of voice
+    last_voiced = 0.3 + 0.02 * (1 + voiced(question)[-1])
     # The head ends the turn after 100 ms of silence (judged ~60 ms on); the burst
     # starts 20 ms into a chunk, before the endpointer's 400 ms close the question,
     # so that at the chunk's end it has 120 ms of voice and has just stopped.
