@@ -55,7 +55,7 @@ import numpy as np
 
 from agent.clock import TickRecord, Timeline
 from agent.config import SAMPLE_RATE, VAD_FRAME_MS
-from agent.engine import Engine
+from agent.engine import Engine, light_torch_thread
 from agent.events import (AgentSpeechEnd, AgentSpeechStart, AgentText, Decision, Event, PartialTranscript,
                           StateChanged, TranscriptEvent, TranscriptRejected, Turn, UserSpeechEnd, UserSpeechStart)
 from agent.heads import Timing, load_phrases, normalize
@@ -90,7 +90,11 @@ STOP_WORDS = re.compile(STOP_WORD, re.IGNORECASE)
 # ... and a cut-in that so far is only such words: stop, or wait for the rest of it.
 STOPS = re.compile(rf"({STOP_WORD})+\W*", re.IGNORECASE)
 # A cut-in that so far is only one of these claims the floor: its words come after a breath.
-CLAIMS = re.compile(r"(\W*(actually|sorry|excuse me|hey|listen|one second|quick question)\W*)+", re.IGNORECASE)
+# Fillers around them change nothing: "Actually, um-" judged reject (0.59) let a held
+# voice go on over "... how many legs does a dog have?" (WebRTC, 2026-11-29).
+_CLAIM = r"actually|sorry|excuse me|hey|listen|one second|quick question"
+_FILLER = r"um+|uh+|erm|er|hmm+"
+CLAIMS = re.compile(rf"(\W*({_FILLER})\b)*(\W*({_CLAIM})\b)+(\W*({_CLAIM}|{_FILLER})\b)*\W*", re.IGNORECASE)
 # Previous text for Whisper on a cut-in: with fillers in the prompt it spells a hum
 # as one ("M-m-", "Uh-h") instead of inventing words ("and then major"); measured
 # on the bench's flite/espeak/piper backchannels and cut-ins, the words of the
@@ -387,6 +391,7 @@ class Session:
                  system_prompt: str | None = None):
         self.engine = engine
         self.config = cfg = engine.config
+        light_torch_thread()  # made on the event loop's thread, which runs the state heads' MLP
         self.system_prompt = system_prompt or cfg.system_prompt  # a persona may replace the default
         self.now = 0.0  # media time at the start of the next user audio, s
         self._in_chunk = 0  # samples of the current chunk consumed so far
@@ -663,9 +668,12 @@ class Session:
             return
         if self._judging:
             return
-        if ep.silence_ms >= END_STEP_MS and self._cut_in_words and voiced > self._judged_voiced_ms:
+        if (ep.silence_ms >= END_STEP_MS and (self._cut_in_words or self._judged_voiced_ms)
+                and voiced > self._judged_voiced_ms):
             # Its words just stopped: judge them whole now, not at the pause (a backchannel
-            # "I see" held the voice for 0.8 s: 0.2 s of pause, then a judgment).
+            # "I see" held the voice for 0.8 s: 0.2 s of pause, then a judgment). So too
+            # after a guess on its first syllables: "I see" first heard as "Eyes..." was
+            # judged at its end, the voice held for 1.0 s (WebRTC, 2026-11-29).
             self._judge_cut_in()
         elif voiced >= max(self.config.cut_in_judge_ms, self._judge_after_ms):
             self._judge_cut_in()

@@ -314,7 +314,10 @@ def run_all(engine, scenarios: list[Scenario], out: Path, machine: str, transpor
     """Run, score and report ``scenarios`` on a loaded engine; results are rewritten after each one."""
     out = Path(out)
     server = caller = None
-    vad = score.SileroVad()
+    # Scoring runs Whisper and silero on the model thread, idle between scenarios (on
+    # this thread they would start a second OpenMP team: agent.engine.light_torch_thread).
+    on_models = lambda fn, *a: engine.model_executor.submit(fn, *a).result()  # noqa: E731
+    vad = on_models(score.SileroVad)
     report = lambda: write_results(out, aggregate(out, machine, engine.config, transport, scenarios))  # noqa: E731
     try:
         if transport == "webrtc":
@@ -334,7 +337,7 @@ def run_all(engine, scenarios: list[Scenario], out: Path, machine: str, transpor
             else:
                 run_replay(engine, s, run_dir)
             (run_dir / "scenario.json").write_text(json.dumps(s.describe(), indent=2))
-            scored = score_run(s, run_dir, vad, engine.asr)
+            scored = on_models(score_run, s, run_dir, vad, engine.asr)
             (run_dir / "score.json").write_text(json.dumps(scored, indent=2))
             print(f"[{k + 1}/{len(scenarios)}] {s.id}: {scored['result']} ({time.monotonic() - t1:.0f} s)", flush=True)
             report()  # a run cut short still leaves its results

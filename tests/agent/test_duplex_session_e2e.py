@@ -362,3 +362,28 @@ def test_a_reply_ready_before_the_users_last_words_are_closed_is_not_cut_in_on_b
     assert start >= end
     assert not [e for e in events if e["type"] == "decision" and e["decision"] in ("hold", "duck")]
     assert not summary["turns"][0]["interrupted"]
+
+
+def test_a_cut_in_first_heard_as_a_guess_is_judged_again_as_soon_as_its_words_stop(engine, tmp_path, monkeypatch):
+    # Mechanics, with a stand-in for Whisper and the head: while the voice goes on,
+    # a judgment finds only a guess ("Eyes..." for "I see", as over WebRTC); the
+    # whole of it is judged once the voice has stopped for the transcriber's end
+    # step, not at the pause 0.2 s on (all that time the agent's voice is held).
+    from agent.session import CUT_IN_PAUSE_MS, END_STEP_MS, Session
+
+    judged_at = []
+
+    def judge(self, audio, messages, heard, timing):
+        judged_at.append(timing.silence_ms)
+        if timing.silence_ms == 0:
+            return "continue", None, "Eyes..."
+        return "reject", {"continue": 0.01, "interrupt": 0.01, "reject": 0.98}, "I see."
+
+    monkeypatch.setattr(Session, "_judge_job", judge)
+    out, summary = replay(engine, tmp_path,
+                          Utterance(say("Tell me about the ocean in three sentences.", tmp_path, "q1"), delay=0.3),
+                          Utterance(say("I see.", tmp_path, "bc"), delay=1.0, trigger="agent_start"))
+    after_the_words = [ms for ms in judged_at if ms > 0]
+    assert judged_at[0] == 0 and after_the_words
+    assert END_STEP_MS <= after_the_words[0] < CUT_IN_PAUSE_MS
+    assert [e["reason"] for e in events_of(out) if e["type"] == "agent_speech_end"] == ["finished"]

@@ -199,9 +199,11 @@ def test_whispers_spelling_of_a_hum_is_not_words():
 def test_an_opener_alone_claims_the_floor_and_a_backchannel_does_not():
     from agent.session import CLAIMS
 
-    for text in ("Actually.", "Actually...", "Sorry,", "Excuse me", "Hey!", "Actually... actually"):
+    for text in ("Actually.", "Actually...", "Sorry,", "Excuse me", "Hey!", "Actually... actually",
+                 "Actually, um-", "Um, sorry, uh..."):
         assert CLAIMS.fullmatch(text), text
-    for text in ("I see.", "Right.", "Mm-hmm", "Actually, what is the tallest animal?"):
+    for text in ("I see.", "Right.", "Mm-hmm", "Actually, what is the tallest animal?", "Um.", "Uh-huh",
+                 "Sorry, umbrella"):
         assert not CLAIMS.fullmatch(text), text
 
 

@@ -66,6 +66,13 @@ def test_a_long_first_sentence_without_a_comma_is_voiced_from_its_first_phrase()
     assert " ".join(groups) == "The boiling point of water is 100 degrees Celsius at sea level."
 
 
+def test_a_first_phrase_is_cut_as_soon_as_the_word_that_starts_the_next_one_is_generated():
+    g = ClauseGrouper()
+    assert [g.push(t) for t in ("The", " boiling", " point", " of", " water")] == [[]] * 5
+    assert g.push(" is") == ["The boiling point of water"]  # not waiting for " 100" to complete "is"
+    assert g.push(" 100 degrees.") == ["is 100 degrees."]
+
+
 def test_a_first_phrase_is_not_cut_after_a_placeholder_subject():
     groups = feed("In an hour, there are sixty minutes and many seconds.", ClauseGrouper())
     assert groups[0] != "In an hour, there"
