@@ -117,6 +117,7 @@ class Engine:
         self.tts = tts
         self.model_worker = model_worker or ModelWorker()
         self.model_executor = self.model_worker.executor
+        self._borrowed_worker = False  # another engine's model thread (``sharing``): it closes it
         self.tts_executor = ThreadPoolExecutor(2, thread_name_prefix="duplex-tts")
         self.load_times: LoadTimes | None = None
         self._prefixes: dict[str, PrefixCache] = {}  # system prompt -> its prefilled cache; model thread only
@@ -168,6 +169,17 @@ class Engine:
         log.info("models ready: %s", engine.load_times)
         return engine
 
+    def sharing(self, **parts) -> "Engine":
+        """An engine with some of this one's parts replaced (``config``, ``llm``,
+        ``head``...) that computes on this one's model thread, so that one thread
+        still runs all the torch work (``light_torch_thread`` says why). Its
+        ``close`` leaves that thread running."""
+        kept = dict(config=self.config, asr=self.asr, llm=self.llm, tts=self.tts, head=self.head)
+        other = Engine(**{**kept, **parts}, model_worker=self.model_worker)
+        other._borrowed_worker = True
+        return other
+
     def close(self) -> None:
-        self.model_executor.shutdown(wait=True, cancel_futures=True)
+        if not self._borrowed_worker:
+            self.model_executor.shutdown(wait=True, cancel_futures=True)
         self.tts_executor.shutdown(wait=True, cancel_futures=True)

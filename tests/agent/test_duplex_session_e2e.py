@@ -267,11 +267,10 @@ def test_a_reply_stopped_by_a_cut_in_that_proves_empty_is_taken_up_again(engine)
     voice turns out to hold no words (here a door slam and its rattle), the agent
     says the rest of its reply from the group it cut, and the history keeps one
     answer."""
-    from agent.engine import Engine
     from agent.session import Session
     from bench.duplex_scenarios import door_slam
 
-    no_head = Engine(engine.config, engine.asr, engine.llm, engine.tts, head=None)
+    no_head = engine.sharing(head=None)
     line = ("The museum opens at nine in the morning. On Sundays it stays open until six, "
             "and on Mondays it is closed all day.")
     noise = np.tile(door_slam(np.random.default_rng(3)), 2)
@@ -328,11 +327,9 @@ class CountingLLM:
 @pytest.fixture(scope="module")
 def counted(engine, tmp_path_factory):
     """A question answered by a count: the stand-in's reply is ready at once."""
-    from agent.engine import Engine
-
     tmp = tmp_path_factory.mktemp("counted")
     llm = CountingLLM(engine.llm)
-    standin = Engine(engine.config, engine.asr, llm, engine.tts, engine.head)
+    standin = engine.sharing(llm=llm)
     try:
         out, summary = replay(standin, tmp, Utterance(say("What should I see in Lisbon?", tmp, "q"), delay=0.3))
     finally:

@@ -27,3 +27,15 @@ def test_a_light_torch_thread_computes_on_one_thread_after_the_model_thread_sets
     model_thread_done.set()
     loop.join()
     assert seen == [1]
+
+
+def test_an_engine_sharing_the_model_thread_leaves_it_running_when_closed():
+    from agent.config import Config
+    from agent.engine import Engine
+
+    engine = Engine(Config(), None, None, None)  # no models: only the threads are under test
+    standin = engine.sharing(head="a stand-in head")
+    assert standin.model_worker is engine.model_worker and standin.head == "a stand-in head"
+    standin.close()
+    assert engine.model_executor.submit(lambda: 2 + 2).result(timeout=5) == 4
+    engine.close()

@@ -81,12 +81,10 @@ def test_without_streaming_the_whole_turn_is_transcribed_once_it_ends_and_answer
     import asyncio
     import dataclasses
 
-    from agent.engine import Engine
     from speech_encoder.audio import load_audio
     from tests.conftest import synthesize
 
-    whole = Engine(dataclasses.replace(engine.config, streaming=False), engine.asr, engine.llm, engine.tts,
-                   engine.head)  # the same loaded models, the other listening path
+    whole = engine.sharing(config=dataclasses.replace(engine.config, streaming=False))  # the other listening path
     try:
         question = load_audio(synthesize("What is the capital of France?", tmp_path / "q.wav"), SAMPLE_RATE)
         summary = asyncio.run(run_replay(whole, np.concatenate([silence(0.5), question]), tmp_path / "out"))

@@ -69,9 +69,7 @@ class SilenceHead:
 
 
 def test_a_turn_ends_on_the_frame_its_silence_is_long_enough_not_at_the_next_chunk_end(engine, tmp_path):
-    from agent.engine import Engine
-
-    standin = Engine(engine.config, engine.asr, engine.llm, engine.tts, SilenceHead(after_ms=250))
+    standin = engine.sharing(head=SilenceHead(after_ms=250))
     try:
         out, summary = replay(standin, tmp_path, Utterance(say("What is two plus two?", tmp_path, "q"), delay=0.3))
     finally:
@@ -100,9 +98,7 @@ def test_only_words_as_short_as_the_heads_rejects_while_listening_are_ignored(en
     """The head learned to reject fillers and noise's transcripts while the agent is
     silent; a longer statement it rejects is still the user's, answered at the longest
     pause (``max_pause_ms``), not left unanswered."""
-    from agent.engine import Engine
-
-    standin = Engine(engine.config, engine.asr, engine.llm, engine.tts, RejectHead())
+    standin = engine.sharing(head=RejectHead())
     try:
         out, summary = replay(standin, tmp_path,
                               Utterance(say("Thank you.", tmp_path, "short"), delay=0.3),
@@ -357,7 +353,6 @@ def test_a_reply_dropped_for_a_word_that_ends_before_the_chunk_does_is_still_ans
     sound had already stopped, and nobody spoke again (the two-agent simulation's
     deadlock, CI 2026-11-29)."""
     from agent.config import SAMPLE_RATE
-    from agent.engine import Engine
     from speech_encoder.vad import Endpointer
 
     frame, chunk = 320, engine.config.chunk_ms / 1000
@@ -376,7 +371,7 @@ def test_a_reply_dropped_for_a_word_that_ends_before_the_chunk_does_is_still_ans
     # so that at the chunk's end it has 120 ms of voice and has just stopped.
     start = (int((last_voiced + 0.22 - 0.02) / chunk) + 1) * chunk + 0.02
     assert start <= last_voiced + 0.38
-    standin = Engine(engine.config, engine.asr, engine.llm, engine.tts, SilenceHead(after_ms=100))
+    standin = engine.sharing(head=SilenceHead(after_ms=100))
     try:
         out, summary = replay(standin, tmp_path, Utterance(question, delay=0.3),
                               Utterance(burst, delay=start - 0.3 - len(question) / SAMPLE_RATE))
