@@ -197,13 +197,16 @@ def chunk_buckets(rows: list[dict], sfx: str = "") -> dict:
 
 def run(config: Config, out_path: Path | None = None, limit: int | None = None,
         adapter_limit: int = 40, nopad_limit: int = 30, verbose: bool = True, compare_int8: bool = False,
-        compare_step_ahead: bool = False, compare_window: tuple[float, float] | None = None) -> dict:
+        compare_step_ahead: bool = False, compare_window: tuple[float, float] | None = None,
+        compare_revise: bool = False) -> dict:
     """The whole benchmark; returns (and with ``out_path`` writes as JSON) its figures.
     ``compare_int8``: stream every utterance with the float32 and the int8 model
     (speech_encoder.asr.quantize_int8), side by side; ``compare_step_ahead``: with
     the end step taken a frame ahead and without (figures ``_no_ahead``);
     ``compare_window`` (max, hard): also with the encoder window cut once longer
-    than max seconds, everything committed past hard (figures ``_window``)."""
+    than max seconds, everything committed past hard (figures ``_window``);
+    ``compare_revise``: also with an end step that may not revise committed words
+    (figures ``_no_revise``)."""
     import torch
 
     from agent import models
@@ -227,6 +230,9 @@ def run(config: Config, out_path: Path | None = None, limit: int | None = None,
         model = streams[""].model
         streams["_no_ahead"] = StreamingTranscriber(model, config.language, StreamingOptions(step_ahead=False),
                                                     model_name=config.asr_model)
+    if compare_revise:
+        streams["_no_revise"] = StreamingTranscriber(streams[""].model, config.language,
+                                                     StreamingOptions(revise_at_end=False), model_name=config.asr_model)
     if compare_window:
         max_s, hard_s = compare_window
         streams["_window"] = StreamingTranscriber(streams[""].model, config.language,
@@ -345,6 +351,7 @@ def report(res: dict, say=print) -> None:
     for sfx in sfxs:
         name = "streaming, int8 model" if sfx == "_int8" or res.get("streaming_int8") else "streaming"
         name += ", end step not ahead" if sfx == "_no_ahead" else ""
+        name += ", end step revises nothing" if sfx == "_no_revise" else ""
         name += f", window {res['window_s'][0]:g} / {res['window_s'][1]:g} s" if sfx == "_window" else ""
         say(f"     {name + ':':45}{w['streaming' + sfx]:.1%}"
             f"  ({w['streaming' + sfx] / max(w['offline'], 1e-9):.2f}x offline)")
@@ -380,6 +387,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="stream each utterance with the float32 and the int8 Whisper, side by side")
     parser.add_argument("--compare-step-ahead", action="store_true",
                         help="stream each utterance with the end step taken a frame ahead and without, side by side")
+    parser.add_argument("--compare-revise", action="store_true",
+                        help="stream each utterance with an end step that may revise committed words and "
+                             "with one that may not, side by side")
     parser.add_argument("--compare-window", type=_window_pair, default=None, metavar="MAX,HARD",
                         help="also stream each utterance with the encoder window cut past MAX s (everything "
                              "committed past HARD s), side by side with the default window")
@@ -398,5 +408,6 @@ def _window_pair(text: str) -> tuple[float, float]:
 def main(args: argparse.Namespace, config: Config, machine_name: str) -> int:
     """``run_agent.py bench asr`` (the engine flags are added by run_agent.py)."""
     run(config, args.out, args.limit, args.adapter_limit, compare_int8=args.compare_int8,
-        compare_step_ahead=args.compare_step_ahead, compare_window=args.compare_window)
+        compare_step_ahead=args.compare_step_ahead, compare_window=args.compare_window,
+        compare_revise=args.compare_revise)
     return 0

@@ -20,9 +20,12 @@ when there is new speech, takes one *step*:
 3. Commit policy, local agreement: the longest common prefix of the tails of two
    consecutive steps is committed, whole words only and never the last word of
    a tail (a later chunk could still extend it). Since committed tokens are
-   forced, later steps cannot contradict them: committed text only grows. The one
-   revision is at ``finish``, when the whole utterance turns out to be a
-   hallucination; it is reported as a rollback.
+   forced, later steps cannot contradict them while the user speaks. Two
+   revisions, each reported as a rollback: the *end step*, the first once the
+   speech has stopped, decodes the window's words afresh with the committed ones
+   as a draft (it alone heard all of them) and withdraws those it hears otherwise;
+   and ``finish`` withdraws everything when the whole utterance turns out to be a
+   hallucination.
 
 Guards against Whisper's inventions: nothing runs until webrtcvad hears speech;
 a step whose no-speech probability is high and log-probability low, or whose
@@ -97,6 +100,12 @@ class StreamingOptions:
     # (silent) frame repeated, for the next push to adopt if its frame is silent too
     # (``step_ahead``: the session and bench asr call it).
     step_ahead: bool = True
+    # The end step decodes the window's words afresh, the committed ones as a draft
+    # rather than forced, and may revise them (a rollback): local agreement commits
+    # what two steps that heard part of a word shared ("my lights in"), and only the
+    # end step hears all of it. Only while the window holds the whole utterance.
+    # See ``_settle``; bench asr --compare-revise.
+    revise_at_end: bool = True
     detect_after_s: float = 2.0  # language detection ("auto") waits for this much window
     threads: int = 1  # torch threads for a step (2 threads on 2 busy cores ran 10x slower than 1)
 
@@ -145,6 +154,7 @@ class Step:
     logprob: float  # sum over the tail
     no_speech_prob: float
     encoder_frames: int
+    forwards: int = 1  # decoder passes it took
 
 
 @dataclass(frozen=True)
@@ -153,8 +163,7 @@ class Ahead:
 
     n_samples: int  # audio pushed when it was taken: valid for one more (silent) frame
     step: Step
-    tail: list
-    tail_logprob: float
+    words: tuple  # the transcriber's words after it (``_words``)
     cost_s: float  # its wall time
 
 
@@ -195,13 +204,35 @@ def decoder_logits(model, tokens: list[int], audio: torch.Tensor, kv_cache: dict
     x = dec.token_embedding(torch.tensor([tokens])) + dec.positional_embedding[offset:offset + len(tokens)]
     x = x.to(audio.dtype)
     for block in dec.blocks:
-        x = block(x, audio, mask=dec.mask, kv_cache=kv_cache)
+        if offset and len(tokens) > 1:
+            x = _block_after_cache(block, x, audio, kv_cache)
+        else:
+            x = block(x, audio, mask=dec.mask, kv_cache=kv_cache)
     if not rows:
         return x.new_zeros(0, dec.token_embedding.weight.shape[0]).float()
     x = dec.ln(x[0, list(rows)])
     if getattr(dec, "int8_logits", None) is not None:  # speech_encoder.asr.quantize_int8
         return dec.int8_logits(x).float()
     return (x @ dec.token_embedding.weight.to(x.dtype).T).float()
+
+
+def _block_after_cache(block, x: torch.Tensor, audio: torch.Tensor, kv_cache: dict) -> torch.Tensor:
+    """A decoder block on several new tokens after cached ones. openai-whisper's
+    attention masks by SDPA's ``is_causal``, which lines the new queries up with
+    the first keys, not the last: each new token would see only the first few
+    tokens of the text. Here the mask is explicit; the key and value projections
+    still go through the cache's hooks, which return the cache with the new
+    tokens appended."""
+    attn = block.attn
+    h = block.attn_ln(x)
+    q, k, v = attn.query(h), attn.key(h), attn.value(h)
+    new, total = q.shape[1], k.shape[1]
+    mask = torch.ones(new, total, dtype=torch.bool).tril(total - new)
+    heads = lambda t: t.view(*t.shape[:2], attn.n_head, -1).permute(0, 2, 1, 3)
+    out = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), attn_mask=mask)
+    x = x + attn.out(out.permute(0, 2, 1, 3).flatten(start_dim=2))
+    x = x + block.cross_attn(block.cross_attn_ln(x), audio, kv_cache=kv_cache)[0]
+    return x + block.mlp(block.mlp_ln(x))
 
 
 def dtw_path(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -383,6 +414,7 @@ class StreamingTranscriber:
         self._committed_logprob, self._committed_count = 0.0, 0
         self._last_nsp = 1.0
         self._revision = 0
+        self._rollback: int | None = None  # a revision not yet reported (``_settle``)
         self.audio_s = 0.0
         self._since_step, self._step_cost = 0.0, 0.0  # audio since the last step, s; its wall time, s
         self._last_frame: np.ndarray | None = None  # the last VAD frame taken
@@ -414,7 +446,7 @@ class StreamingTranscriber:
         if ahead is not None and ended and due and not full and self._mel.n_samples == ahead.n_samples + FRAME_SAMPLES:
             # The frame the step ahead assumed silent was: its step is this one.
             step, self._dirty, self._last_nsp = ahead.step, False, ahead.step.no_speech_prob
-            self._tail, self._tail_logprob = ahead.tail, ahead.tail_logprob
+            self._set_words(ahead.words)
             self._step_cost, self._since_step, ahead_ms = ahead.cost_s, 0.0, ahead.cost_s * 1000
         elif self._window_s() >= min_s and (due or full):
             step = self._step()
@@ -443,16 +475,26 @@ class StreamingTranscriber:
                 and o.min_step_s <= self._window_s() + one <= o.max_window_s):
             return False
         mel, voiced, silent_run = self._mel, self._voiced, self._silent_run
-        kept = self._dirty, self._tail, self._tail_logprob, self._last_nsp
+        kept = self._dirty, self._last_nsp, self._words()
         self._mel, self._voiced, self._silent_run = copy.copy(mel), voiced + [False], silent_run + 1
         try:
             self._mel.push(self._last_frame)
-            step = self._step()  # (an end step: it replaces the tail, commits nothing, cuts nothing)
-            self._ahead = Ahead(mel.n_samples, step, self._tail, self._tail_logprob, time.perf_counter() - t0)
+            step = self._step()  # (an end step: it settles the words and cuts nothing)
+            self._ahead = Ahead(mel.n_samples, step, self._words(), time.perf_counter() - t0)
         finally:
             self._mel, self._voiced, self._silent_run = mel, voiced, silent_run
-            self._dirty, self._tail, self._tail_logprob, self._last_nsp = kept
+            self._dirty, self._last_nsp = kept[:2]
+            self._set_words(kept[2])
         return True
+
+    def _words(self) -> tuple:
+        """Everything a step may change about the words (the step ahead puts it back)."""
+        return (self._committed, self._committed_text, self._committed_logprob, self._committed_count,
+                self._revision, self._rollback, self._tail, self._tail_logprob)
+
+    def _set_words(self, words: tuple) -> None:
+        (self._committed, self._committed_text, self._committed_logprob, self._committed_count,
+         self._revision, self._rollback, self._tail, self._tail_logprob) = words
 
     def _take_frame(self, frame: np.ndarray) -> None:
         self._last_frame = frame
@@ -497,18 +539,22 @@ class StreamingTranscriber:
         audio = encode(self.model, mel, self._pad_frames(mel.shape[1]), self.options.pad_silence)
         if self.language is None:
             self.language = self._detect_language(mel)
+        ended = self._heard and self._silent_run * VAD_FRAME_MS >= self.options.end_step_ms
+        # (Not once the window was cut: decoded afresh after a cut and the prompt, the
+        # words of 27 utterances over 8 s had 8.8% WER, against 6.6% forced.)
+        whole = self._win_frame == 0
+        forced = [] if ended and whole and self.options.revise_at_end else self._committed
+        draft = self._committed[len(forced):] + self._tail
         # The tail covers the audio after the committed words: a step adds a few
         # tokens to the last one; a longer tail is Whisper looping at the cut-off end.
-        step = self._decode(audio, len(self._tail) + 6 + int(8 * self._since_step), draft=self._tail)
+        step = self._decode(audio, len(draft) + 6 + int(8 * self._since_step), draft=draft, forced=forced)
         self._last_nsp = step.no_speech_prob
-        tail = step.tail
-        if self._rejected(step):
-            tail = []
-        if self._heard and self._silent_run * VAD_FRAME_MS >= self.options.end_step_ms:
+        tail = [] if self._rejected(step, forced) else step.tail
+        if ended:
             # The speech has stopped: this step heard all of it, and agreeing with a
             # step that heard only part would lock in that step's guesses ("my lights
-            # in" for "the lights in"). Its tail replaces the last; ``finish`` commits it.
-            self._tail, self._tail_logprob = tail, step.logprob / max(1, len(step.tail))
+            # in" for "the lights in"). Its words replace the last; ``finish`` commits them.
+            self._settle(tail, step, revise=bool(tail) and not forced)
         else:
             self._agree(tail, step)
         if self._window_s() > self.options.max_window_s:
@@ -530,25 +576,29 @@ class StreamingTranscriber:
         langs = torch.tensor(tok.all_language_tokens)
         return tok.all_language_codes[int(torch.argmax(logits[langs]))]
 
-    def _prefix(self) -> tuple[list[int], int]:
+    def _prefix(self, forced: list[int]) -> tuple[list[int], int]:
         """Decoder input up to the tail: previous-text prompt, start-of-transcript
-        sequence, committed window tokens; and the index of the start token."""
+        sequence, ``forced`` (committed) window tokens; and the index of the start token."""
         tok = self.tokenizer
         prompt = self._prompt[-self.options.prompt_tokens:]
         head = [tok.sot_prev] + prompt if prompt else []
-        return head + list(tok.sot_sequence_including_notimestamps) + self._committed, len(head)
+        return head + list(tok.sot_sequence_including_notimestamps) + forced, len(head)
 
-    def _decode(self, audio: torch.Tensor, max_new: int, draft: list[int] = ()) -> Step:
-        """Greedy decoding of the tail after the forced committed prefix (kv-cached).
+    def _decode(self, audio: torch.Tensor, max_new: int, draft: list[int] = (), forced: list[int] | None = None) -> Step:
+        """Greedy decoding of the tail after the forced prefix (kv-cached):
+        ``forced`` tokens, by default the committed ones.
 
         ``draft``: the last step's tail, a guess at this one. It goes through the
         decoder with the prefix in one batch and is kept as far as each of its
-        tokens is what greedy decoding picks at that place; from the first token
-        that differs the decoding goes on one token at a time. The result is the
-        greedy tail either way; a tail that mostly repeats the last step's costs one
-        forward instead of one per token."""
+        tokens is what greedy decoding picks at that place. Where a token differs,
+        the guess is taken up again after that token's next place in the draft, if
+        it has one (a word heard otherwise, "my" -> "the", and the words after it
+        as before), else decoding goes on one token at a time. The result is the
+        greedy tail either way; a tail that mostly repeats the draft costs a
+        forward or two instead of one per token."""
         tok, model = self.tokenizer, self.model
-        prefix, sot_index = self._prefix()
+        forced = self._committed if forced is None else forced
+        prefix, sot_index = self._prefix(forced)
         suppress = torch.zeros(model.dims.n_vocab, dtype=torch.bool)
         suppress[tok.eot + 1:] = True  # special and timestamp tokens
         suppress[list(tok.non_speech_tokens)] = True
@@ -557,15 +607,18 @@ class StreamingTranscriber:
         n = len(prefix)
         cache, hooks = model.install_kv_cache_hooks()
         tail, logprob = [], 0.0
-        pieces = [tok.decode([t]) for t in self._committed]  # the text so far, a piece per token
+        pieces = [tok.decode([t]) for t in forced]  # the text so far, a piece per token
+        forwards = 1
         try:
-            # Row n - 1 + i predicts tail token i (while the tail follows the draft).
+            # ahead[k] predicts guess[k], which would be tail token base + k.
             logits = decoder_logits(model, prefix + draft, audio, cache, rows=(sot_index, *range(n - 1, n + len(draft))))
             nsp = float(logits[0].softmax(-1)[tok.no_speech])
+            # guess = draft[at:...]; resume: where in the draft to look for a way back into it.
+            guess, base, at, resume = draft, 0, 0, 0
             ahead, last = logits[1:], logits[1]
             for i in range(max_new):
                 last = last.masked_fill(suppress, -np.inf)
-                if not self._committed and not tail:  # Whisper's SuppressBlank at the start
+                if not forced and not tail:  # Whisper's SuppressBlank at the start
                     last[tok.encode(" ") + [tok.eot]] = -np.inf
                 logp = last.log_softmax(-1)
                 nxt = int(torch.argmax(logp))
@@ -574,11 +627,11 @@ class StreamingTranscriber:
                     break
                 tail.append(nxt)
                 logprob += float(logp[nxt])
-                cut = min(len(tail), repeated_tail(self._committed + tail))
+                cut = min(len(tail), repeated_tail(forced + tail))
                 if cut:  # Whisper looping (often at the cut-off end of the window)
                     del tail[-cut:]
                     break
-                if echoes_earlier(self._committed + tail):
+                if echoes_earlier(forced + tail):
                     # ... or starting the utterance over from an earlier phrase
                     del tail[-min(len(tail), ECHO_NGRAM):]
                     break
@@ -587,26 +640,33 @@ class StreamingTranscriber:
                 if again:  # ... or from its first words, once it had ended
                     del tail[-min(len(tail), again):]
                     break
-                if i < len(draft) and nxt == draft[i]:
-                    last = ahead[i + 1]  # computed in the batch
+                k = i - base
+                if k < len(guess) and nxt == guess[k]:
+                    last = ahead[k + 1]  # computed in the batch
                     continue
-                if i < len(draft):  # the draft is wrong from here: forget its keys and values
+                if k < len(guess):  # the guess is wrong from here: forget its keys and values
                     _truncate_self_attention(model, cache, n + i)
-                    draft = []
-                last = decoder_logits(model, [nxt], audio, cache)[0]
+                resume = max(resume, at + min(k, len(guess)))
+                guess, base = [], i + 1
+                if nxt in draft[resume:]:
+                    at = resume = draft.index(nxt, resume) + 1
+                    guess = draft[at:at + max_new - len(tail)]
+                forwards += 1
+                ahead = decoder_logits(model, [nxt] + guess, audio, cache, rows=tuple(range(len(guess) + 1)))
+                last = ahead[0]
         finally:
             for h in hooks:
                 h.remove()
-        return Step(tail, logprob, nsp, audio.shape[1])
+        return Step(tail, logprob, nsp, audio.shape[1], forwards)
 
-    def _rejected(self, step: Step) -> bool:
+    def _rejected(self, step: Step, forced: list[int]) -> bool:
         o = self.options
         if not step.tail:
             return False
         avg = step.logprob / len(step.tail)
         if step.no_speech_prob > o.no_speech_threshold and avg < o.logprob_threshold:
             return True
-        text = self.tokenizer.decode(self._committed + step.tail)
+        text = self.tokenizer.decode(forced + step.tail)
         return compression_ratio(text) > o.compression_ratio_threshold
 
     # -- commit policy ----------------------------------------------------------------------------
@@ -629,6 +689,39 @@ class StreamingTranscriber:
         if n > 0:
             self._commit(tail[:n], avg)
         self._tail, self._tail_logprob = (tail[n:] if n > 0 else tail), avg
+
+    def _settle(self, tokens: list[int], step: Step, revise: bool) -> None:
+        """The end step's words. Without ``revise`` they are the tail after the
+        committed ones; with it they are the window's words from its start, and
+        where they part from the committed ones, those are withdrawn back to the
+        start of the word they part in (a rollback, reported by the next
+        hypothesis) and the rest of ``tokens`` is the tail. A word heard again in
+        another case stands ("how" for "How": the first step, on half a second
+        of audio, often writes the first word small); a rollback costs the LLM
+        its words again from there."""
+        avg = step.logprob / max(1, len(step.tail))
+        if not revise:
+            self._tail, self._tail_logprob = tokens, avg
+            return
+        decode = self.tokenizer.decode
+        old, n = self._committed, 0
+        while n < min(len(old), len(tokens)) and (old[n] == tokens[n] or
+                                                   decode([old[n]]).lower() == decode([tokens[n]]).lower()):
+            n += 1
+        if n < len(old):
+            while n > 0 and not self._word_start(old[n]):
+                n -= 1
+            dropped = self.tokenizer.decode(old[n:])
+            if not self._committed_text.endswith(dropped):  # (a character split across commits: keep them)
+                self._tail, self._tail_logprob = [], avg
+                return
+            self._committed_text = self._committed_text[:len(self._committed_text) - len(dropped)]
+            kept = self._committed_count - (len(old) - n)
+            self._committed_logprob *= kept / max(1, self._committed_count)
+            self._committed, self._committed_count = old[:n], kept
+            self._revision += 1
+            self._rollback = len(self._committed_text.lstrip())
+        self._tail, self._tail_logprob = tokens[n:], avg
 
     def _commit(self, tokens: list[int], avg_logprob: float) -> None:
         self._committed += tokens
@@ -703,7 +796,7 @@ class StreamingTranscriber:
 
     # -- hypotheses --------------------------------------------------------------------------------
 
-    def _hypothesis(self, t0: tuple[float, float], step: Step | None, **kw) -> Hypothesis:
+    def _hypothesis(self, t0: tuple[float, float], step: Step | None, rollback: int | None = None, **kw) -> Hypothesis:
         committed = self._committed_text.lstrip()
         tentative = self.tokenizer.decode(self._tail) if self._tail else ""
         if not committed:
@@ -714,8 +807,14 @@ class StreamingTranscriber:
             compute_ms=(time.perf_counter() - t0[0]) * 1000, cpu_ms=(time.thread_time() - t0[1]) * 1000,
             encoder_frames=step.encoder_frames if step else 0,
             decoded_tokens=len(step.tail) if step else 0,
-            no_speech_prob=self._last_nsp, language=self.language or "",
+            no_speech_prob=self._last_nsp, language=self.language or "", rollback=self._take_rollback(rollback),
             silence_ms=self._silent_run * VAD_FRAME_MS if self._heard else 0, **kw)
+
+    def _take_rollback(self, theirs: int | None) -> int | None:
+        """The rollback to report: ``finish``'s, one ``_settle`` made since the
+        last hypothesis, or the smaller of the two."""
+        mine, self._rollback = self._rollback, None
+        return min((r for r in (mine, theirs) if r is not None), default=None)
 
     def transcribe_whole(self, audio: np.ndarray, pad: bool | None = None, pad_frames: int | None = None) -> str:
         """One greedy pass over a whole utterance with this module's encoder and

@@ -66,7 +66,7 @@ def test_local_agreement_commits_the_shared_whole_words_and_never_the_last_word(
     tok = transcriber.tokenizer
     script = iter([" I want", " I want to go", " I want to go to", " I want to go to Paris."])
 
-    def fake_decode(audio, max_new, draft=()):
+    def fake_decode(audio, max_new, draft=(), forced=None):
         committed = tok.decode(transcriber._committed)
         return Step(tok.encode(next(script)[len(committed):]), -0.1, 0.0, audio.shape[1])
 
@@ -187,8 +187,60 @@ def test_once_speech_stops_one_step_runs_at_once_and_its_words_are_not_locked_in
     last_voiced = max(i for i, h in enumerate(hyps) if h.silence_ms == 0)
     after = [h for h in hyps[last_voiced + 1:] if h.encoder_frames]
     assert len(after) == 1 and o.end_step_ms <= after[0].silence_ms < o.end_step_ms + 160
-    assert after[0].committed == hyps[last_voiced].committed  # the end step commits nothing ...
+    assert hyps[last_voiced].committed.startswith(after[0].committed)  # the end step commits nothing ...
     assert final.committed.strip() == after[0].text  # ... finish commits what it heard
+
+
+def scripted_end_step(transcriber, monkeypatch, texts, **options):
+    """Three chunks of speech and one of silence, each step's words scripted (the
+    whole text heard so far): the hypotheses after each push, the final one, and
+    the text each step was forced to begin with."""
+    tok, forced_seen = transcriber.tokenizer, []
+
+    def fake_decode(audio, max_new, draft=(), forced=None):
+        forced = transcriber._committed if forced is None else forced
+        forced_seen.append(tok.decode(forced))
+        return Step(tok.encode(next(script)[len(tok.decode(forced)):]), -0.1, 0.0, audio.shape[1])
+
+    script = iter(texts)
+    frames = iter([True] * 24 + [False] * 8)  # 20 ms frames
+    monkeypatch.setattr(transcriber, "_decode", fake_decode)
+    monkeypatch.setattr(transcriber._vad, "is_speech", lambda frame: next(frames))
+    transcriber.options = StreamingOptions(min_step_s=0.1, duty=1e9, max_step_interval_s=0.0, min_stride_s=0.0,
+                                           **options)
+    got = [transcriber.push(x) for x in np.split(np.full(4 * CHUNK, 0.1, np.float32), 4)]
+    return got, transcriber.finish(), forced_seen
+
+
+def test_the_end_step_hears_the_committed_words_again_and_withdraws_those_it_hears_otherwise(
+        transcriber, monkeypatch):
+    """Two steps that heard part of "the lights" agreed on "my"; the end step
+    decodes the window with nothing forced and hears "the". The committed text
+    goes back to the start of that word, and the hypothesis says so with a
+    rollback: the characters of the committed text still standing."""
+    got, final, forced = scripted_end_step(transcriber, monkeypatch, [
+        " Turn off my", " Turn off my lights", " Turn off my lights in", " Turn off the lights in the kitchen."])
+    assert [h.committed for h in got] == ["", "Turn off my", "Turn off my lights", "Turn off"]
+    assert forced[-1] == ""  # the end step forced nothing
+    assert [h.rollback for h in got] == [None, None, None, len("Turn off")]
+    assert got[-1].tentative == " the lights in the kitchen."
+    assert final.committed == "Turn off the lights in the kitchen." and final.rollback is None
+    assert committed_only_grows(got + [final])
+
+
+def test_a_word_the_end_step_hears_in_another_case_stands(transcriber, monkeypatch):
+    got, final, _ = scripted_end_step(transcriber, monkeypatch, [
+        " how many", " how many legs", " how many legs does", " How many legs does a spider have?"])
+    assert got[-1].committed == "how many legs" and got[-1].rollback is None
+    assert final.committed == "how many legs does a spider have?"
+
+
+def test_without_revision_the_end_step_decodes_after_the_committed_words(transcriber, monkeypatch):
+    got, final, forced = scripted_end_step(transcriber, monkeypatch, [
+        " Turn off my", " Turn off my lights", " Turn off my lights in", " Turn off my lights in here."],
+        revise_at_end=False)
+    assert forced[-1] == " Turn off my lights"
+    assert got[-1].committed == "Turn off my lights" and got[-1].tentative == " in here." and got[-1].rollback is None
 
 
 def stream_by_frames(st, audio, ahead: bool):
@@ -276,10 +328,61 @@ def test_decoding_from_the_last_steps_tail_gives_exactly_the_greedy_hypotheses(w
     drafted = StreamingTranscriber.from_asr(whisper_tiny, StreamingOptions(duty=1e9), model_name="tiny.en")
     plain = StreamingTranscriber.from_asr(whisper_tiny, StreamingOptions(duty=1e9), model_name="tiny.en")
     greedy = plain._decode
-    plain._decode = lambda features, max_new, draft=(): greedy(features, max_new)
+    plain._decode = lambda features, max_new, draft=(), forced=None: greedy(features, max_new, forced=forced)
     a, b = stream(drafted, audio), stream(plain, audio)
     assert [(h.committed, h.tentative) for h in a[0]] == [(h.committed, h.tentative) for h in b[0]]
     assert a[1].committed == b[1].committed and "bridge" in a[1].committed.lower()
+
+
+def test_a_draft_wrong_in_one_word_is_taken_up_again_after_it_and_the_tail_is_still_greedys(whisper_tiny, speech):
+    """A word substituted, inserted or dropped in the draft: decoding goes back to
+    the draft after it (two or three decoder passes), and the tail is exactly
+    what token-by-token greedy decoding gives."""
+    import torch
+
+    from speech_encoder.mel import StreamingMel
+    from speech_encoder.streaming import encode
+
+    st = StreamingTranscriber.from_asr(whisper_tiny, StreamingOptions(), model_name="tiny.en")
+    mel = StreamingMel(st.model.dims.n_mels)
+    mel.push(speech("Turn off the lights in the kitchen and lock the back door, please."))
+    window = mel.window()
+    with torch.inference_mode():
+        features = encode(st.model, window, st._pad_frames(window.shape[1]))
+        greedy = st._decode(features, 40)
+        tail, other = greedy.tail, st.tokenizer.encode(" banana")[0]
+        assert len(tail) >= 12 and greedy.forwards == len(tail) + 1  # one pass per token, and the end
+        drafts = {"substituted": tail[:3] + [other] + tail[4:], "inserted": tail[:3] + [other] + tail[3:],
+                  "dropped": tail[:3] + tail[4:], "right": tail}
+        for name, draft in drafts.items():
+            got = st._decode(features, 40, draft=draft)
+            assert got.tail == tail, name
+            assert got.forwards <= (1 if name == "right" else 3), (name, got.forwards)
+
+
+def test_tokens_decoded_after_cached_ones_get_the_logits_of_one_pass_over_all(whisper_tiny, speech):
+    import torch
+
+    from speech_encoder.mel import StreamingMel
+    from speech_encoder.streaming import decoder_logits, encode
+
+    model = whisper_tiny.model
+    st = StreamingTranscriber.from_asr(whisper_tiny, StreamingOptions(), model_name="tiny.en")
+    mel = StreamingMel(model.dims.n_mels)
+    mel.push(speech("Where is the nearest train station?"))
+    tokens = list(st.tokenizer.sot_sequence_including_notimestamps) + st.tokenizer.encode(
+        " Where is the nearest train station?")
+    with torch.inference_mode():
+        features = encode(model, mel.window(), 100)
+        whole = decoder_logits(model, tokens, features, rows=tuple(range(len(tokens) - 4, len(tokens))))
+        cache, hooks = model.install_kv_cache_hooks()
+        try:
+            decoder_logits(model, tokens[:-4], features, cache, rows=())
+            after = decoder_logits(model, tokens[-4:], features, cache, rows=(0, 1, 2, 3))
+        finally:
+            for h in hooks:
+                h.remove()
+    assert torch.allclose(whole, after, atol=1e-3)
 
 
 def test_an_int8_whisper_streams_the_same_words(speech):
