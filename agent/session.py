@@ -789,11 +789,24 @@ class Session:
         # every chunk, and with it the LLM's prompt from that point on.
         heard = " ".join(reply.played_groups) if reply else ""
         job = self.engine.model_worker.run_urgent(self._judge_job, np.concatenate(self._utterance or []),
-                                                  messages, heard, timing)
+                                                  messages, heard, timing, time.perf_counter())
         asyncio.wrap_future(job).add_done_callback(lambda f: self._on_verdict(cut_in, f, ep.voiced_ms_in_turn))
 
-    def _judge_job(self, audio: np.ndarray, messages: list[dict], heard: str, timing) -> tuple[str, dict | None, str]:
-        """Model thread: the words of the cut-in so far, then the head's verdict on them."""
+    def _judge_job(self, audio: np.ndarray, messages: list[dict], heard: str, timing,
+                   asked: float) -> tuple[str, dict | None, str]:
+        """Model thread: the words of the cut-in so far, then the head's verdict on
+        them. Logs where its time went (``asked``: when it was submitted)."""
+        started = time.perf_counter()
+        parts = [started]
+        try:
+            return self._judge(audio, messages, heard, timing, parts)
+        finally:
+            done = time.perf_counter()
+            log.debug("cut-in judge: waited %.0f ms, Whisper %.0f ms, head %.0f ms", (started - asked) * 1000,
+                      (parts[-1] - started) * 1000, (done - parts[-1]) * 1000 if len(parts) > 1 else 0.0)
+
+    def _judge(self, audio: np.ndarray, messages: list[dict], heard: str, timing,
+               parts: list[float]) -> tuple[str, dict | None, str]:
         from agent.heads import chunk_hidden
         from speech_encoder.streaming import StreamingOptions, StreamingTranscriber
 
@@ -801,6 +814,7 @@ class Session:
             self._transcriber = StreamingTranscriber.from_asr(self.engine.asr, StreamingOptions(pad_silence=False),
                                                               model_name=self.config.asr_model)
         heard_words = self._transcriber.transcribe_scored(audio, prompt=CUT_IN_PROMPT)
+        parts.append(time.perf_counter())
         text = heard_words.text
         if is_hallucination(Transcript(text, 0.0, 0.0, "")):
             return "reject", None, text

@@ -370,13 +370,13 @@ def test_a_cut_in_first_heard_as_a_guess_is_judged_again_as_soon_as_its_words_st
 
     judged_at = []
 
-    def judge(self, audio, messages, heard, timing):
+    def judge(self, audio, messages, heard, timing, parts):
         judged_at.append(timing.silence_ms)
         if timing.silence_ms == 0:
             return "continue", None, "Eyes..."
         return "reject", {"continue": 0.01, "interrupt": 0.01, "reject": 0.98}, "I see."
 
-    monkeypatch.setattr(Session, "_judge_job", judge)
+    monkeypatch.setattr(Session, "_judge", judge)
     out, summary = replay(engine, tmp_path,
                           Utterance(say("Tell me about the ocean in three sentences.", tmp_path, "q1"), delay=0.3),
                           Utterance(say("I see.", tmp_path, "bc"), delay=1.0, trigger="agent_start"))
