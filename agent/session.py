@@ -796,17 +796,20 @@ class Session:
                    asked: float) -> tuple[str, dict | None, str]:
         """Model thread: the words of the cut-in so far, then the head's verdict on
         them. Logs where its time went (``asked``: when it was submitted)."""
-        started = time.perf_counter()
-        parts = [started]
+        from agent.llm import common_prefix
+
+        started, before = time.perf_counter(), self._listen_cache.ids
+        heard_at = [started]  # when Whisper was done
         try:
-            return self._judge(audio, messages, heard, timing, parts)
+            return self._judge(audio, messages, heard, timing, heard_at)
         finally:
-            done = time.perf_counter()
-            log.debug("cut-in judge: waited %.0f ms, Whisper %.0f ms, head %.0f ms", (started - asked) * 1000,
-                      (parts[-1] - started) * 1000, (done - parts[-1]) * 1000 if len(parts) > 1 else 0.0)
+            done, ids = time.perf_counter(), self._listen_cache.ids
+            log.debug("cut-in judge: waited %.0f ms, Whisper %.0f ms, head %.0f ms (%d tokens)",
+                      (started - asked) * 1000, (heard_at[-1] - started) * 1000, (done - heard_at[-1]) * 1000,
+                      len(ids) - common_prefix(before, ids) if ids is not before else 0)
 
     def _judge(self, audio: np.ndarray, messages: list[dict], heard: str, timing,
-               parts: list[float]) -> tuple[str, dict | None, str]:
+               heard_at: list[float]) -> tuple[str, dict | None, str]:
         from agent.heads import chunk_hidden
         from speech_encoder.streaming import StreamingOptions, StreamingTranscriber
 
@@ -814,7 +817,7 @@ class Session:
             self._transcriber = StreamingTranscriber.from_asr(self.engine.asr, StreamingOptions(pad_silence=False),
                                                               model_name=self.config.asr_model)
         heard_words = self._transcriber.transcribe_scored(audio, prompt=CUT_IN_PROMPT)
-        parts.append(time.perf_counter())
+        heard_at.append(time.perf_counter())
         text = heard_words.text
         if is_hallucination(Transcript(text, 0.0, 0.0, "")):
             return "reject", None, text

@@ -370,7 +370,7 @@ def test_a_cut_in_first_heard_as_a_guess_is_judged_again_as_soon_as_its_words_st
 
     judged_at = []
 
-    def judge(self, audio, messages, heard, timing, parts):
+    def judge(self, audio, messages, heard, timing, heard_at):
         judged_at.append(timing.silence_ms)
         if timing.silence_ms == 0:
             return "continue", None, "Eyes..."
