@@ -226,18 +226,14 @@ def run(config: Config, out_path: Path | None = None, limit: int | None = None,
         asr8 = WhisperASR(path / "model.pt", config.language, threads=1, int8=True)
         streams["_int8" if compare_int8 else ""] = StreamingTranscriber.from_asr(asr8, StreamingOptions(),
                                                                                  model_name=config.asr_model)
-    if compare_step_ahead:
-        model = streams[""].model
-        streams["_no_ahead"] = StreamingTranscriber(model, config.language, StreamingOptions(step_ahead=False),
-                                                    model_name=config.asr_model)
-    if compare_revise:
-        streams["_no_revise"] = StreamingTranscriber(streams[""].model, config.language,
-                                                     StreamingOptions(revise_at_end=False), model_name=config.asr_model)
-    if compare_window:
-        max_s, hard_s = compare_window
-        streams["_window"] = StreamingTranscriber(streams[""].model, config.language,
-                                                  StreamingOptions(max_window_s=max_s, hard_window_s=hard_s),
-                                                  model_name=config.asr_model)
+    # Variants streamed beside the default, on its model: figures' suffix -> options.
+    variants = {"_no_ahead": compare_step_ahead and StreamingOptions(step_ahead=False),
+                "_no_revise": compare_revise and StreamingOptions(revise_at_end=False),
+                "_window": compare_window and StreamingOptions(max_window_s=compare_window[0],
+                                                               hard_window_s=compare_window[1])}
+    for sfx, options in variants.items():
+        if options:
+            streams[sfx] = StreamingTranscriber(streams[""].model, config.language, options, model_name=config.asr_model)
     t0 = time.monotonic()
     utts = asr_test_set(config.cache_dir, limit)
     say(f"{len(utts)} utterances synthesized in {time.monotonic() - t0:.0f} s "

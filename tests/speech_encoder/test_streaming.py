@@ -61,20 +61,31 @@ def test_white_noise_produces_no_transcript(transcriber):
     assert not any(h.committed for h in hyps)
 
 
-def test_local_agreement_commits_the_shared_whole_words_and_never_the_last_word(transcriber, monkeypatch):
-    """Scripted decoder tails: only what two consecutive steps agree on is committed."""
-    tok = transcriber.tokenizer
-    script = iter([" I want", " I want to go", " I want to go to", " I want to go to Paris."])
+def scripted_steps(transcriber, monkeypatch, texts, voiced_chunks=4, **options):
+    """Four chunks, the first ``voiced_chunks`` of them speech and the rest silence,
+    each step's words scripted (the whole text heard so far): the hypotheses after
+    each push, and the text each step was forced to begin with."""
+    tok, forced_seen = transcriber.tokenizer, []
 
     def fake_decode(audio, max_new, draft=(), forced=None):
-        committed = tok.decode(transcriber._committed)
-        return Step(tok.encode(next(script)[len(committed):]), -0.1, 0.0, audio.shape[1])
+        forced = transcriber._committed if forced is None else forced
+        forced_seen.append(tok.decode(forced))
+        return Step(tok.encode(next(script)[len(tok.decode(forced)):]), -0.1, 0.0, audio.shape[1])
 
+    script = iter(texts)
+    per_chunk = CHUNK // (SAMPLE_RATE // 50)  # 20 ms frames
+    frames = iter([True] * per_chunk * voiced_chunks + [False] * per_chunk * (4 - voiced_chunks))
     monkeypatch.setattr(transcriber, "_decode", fake_decode)
-    x = np.random.default_rng(1).normal(0, 0.2, 4 * CHUNK).astype(np.float32)
-    monkeypatch.setattr(transcriber._vad, "is_speech", lambda frame: True)
-    transcriber.options = StreamingOptions(min_step_s=0.1, duty=1e9, max_step_interval_s=0.0, min_stride_s=0.0)
-    got = [transcriber.push(x[i:i + CHUNK]) for i in range(0, len(x), CHUNK)]
+    monkeypatch.setattr(transcriber._vad, "is_speech", lambda frame: next(frames))
+    transcriber.options = StreamingOptions(min_step_s=0.1, duty=1e9, max_step_interval_s=0.0, min_stride_s=0.0,
+                                           **options)
+    return [transcriber.push(x) for x in np.split(np.full(4 * CHUNK, 0.1, np.float32), 4)], forced_seen
+
+
+def test_local_agreement_commits_the_shared_whole_words_and_never_the_last_word(transcriber, monkeypatch):
+    """Scripted decoder tails: only what two consecutive steps agree on is committed."""
+    got, _ = scripted_steps(transcriber, monkeypatch, [" I want", " I want to go", " I want to go to",
+                                                       " I want to go to Paris."])
     assert [h.committed for h in got] == ["", "I want", "I want to go", "I want to go to"]
     assert got[-1].tentative == " Paris."
     assert committed_only_grows(got)
@@ -191,35 +202,16 @@ def test_once_speech_stops_one_step_runs_at_once_and_its_words_are_not_locked_in
     assert final.committed.strip() == after[0].text  # ... finish commits what it heard
 
 
-def scripted_end_step(transcriber, monkeypatch, texts, **options):
-    """Three chunks of speech and one of silence, each step's words scripted (the
-    whole text heard so far): the hypotheses after each push, the final one, and
-    the text each step was forced to begin with."""
-    tok, forced_seen = transcriber.tokenizer, []
-
-    def fake_decode(audio, max_new, draft=(), forced=None):
-        forced = transcriber._committed if forced is None else forced
-        forced_seen.append(tok.decode(forced))
-        return Step(tok.encode(next(script)[len(tok.decode(forced)):]), -0.1, 0.0, audio.shape[1])
-
-    script = iter(texts)
-    frames = iter([True] * 24 + [False] * 8)  # 20 ms frames
-    monkeypatch.setattr(transcriber, "_decode", fake_decode)
-    monkeypatch.setattr(transcriber._vad, "is_speech", lambda frame: next(frames))
-    transcriber.options = StreamingOptions(min_step_s=0.1, duty=1e9, max_step_interval_s=0.0, min_stride_s=0.0,
-                                           **options)
-    got = [transcriber.push(x) for x in np.split(np.full(4 * CHUNK, 0.1, np.float32), 4)]
-    return got, transcriber.finish(), forced_seen
-
-
 def test_the_end_step_hears_the_committed_words_again_and_withdraws_those_it_hears_otherwise(
         transcriber, monkeypatch):
     """Two steps that heard part of "the lights" agreed on "my"; the end step
     decodes the window with nothing forced and hears "the". The committed text
     goes back to the start of that word, and the hypothesis says so with a
     rollback: the characters of the committed text still standing."""
-    got, final, forced = scripted_end_step(transcriber, monkeypatch, [
-        " Turn off my", " Turn off my lights", " Turn off my lights in", " Turn off the lights in the kitchen."])
+    got, forced = scripted_steps(transcriber, monkeypatch, [
+        " Turn off my", " Turn off my lights", " Turn off my lights in", " Turn off the lights in the kitchen."],
+        voiced_chunks=3)
+    final = transcriber.finish()
     assert [h.committed for h in got] == ["", "Turn off my", "Turn off my lights", "Turn off"]
     assert forced[-1] == ""  # the end step forced nothing
     assert [h.rollback for h in got] == [None, None, None, len("Turn off")]
@@ -229,16 +221,17 @@ def test_the_end_step_hears_the_committed_words_again_and_withdraws_those_it_hea
 
 
 def test_a_word_the_end_step_hears_in_another_case_stands(transcriber, monkeypatch):
-    got, final, _ = scripted_end_step(transcriber, monkeypatch, [
-        " how many", " how many legs", " how many legs does", " How many legs does a spider have?"])
+    got, _ = scripted_steps(transcriber, monkeypatch, [
+        " how many", " how many legs", " how many legs does", " How many legs does a spider have?"], voiced_chunks=3)
+    final = transcriber.finish()
     assert got[-1].committed == "how many legs" and got[-1].rollback is None
     assert final.committed == "how many legs does a spider have?"
 
 
 def test_without_revision_the_end_step_decodes_after_the_committed_words(transcriber, monkeypatch):
-    got, final, forced = scripted_end_step(transcriber, monkeypatch, [
+    got, forced = scripted_steps(transcriber, monkeypatch, [
         " Turn off my", " Turn off my lights", " Turn off my lights in", " Turn off my lights in here."],
-        revise_at_end=False)
+        voiced_chunks=3, revise_at_end=False)
     assert forced[-1] == " Turn off my lights"
     assert got[-1].committed == "Turn off my lights" and got[-1].tentative == " in here." and got[-1].rollback is None
 
