@@ -58,6 +58,7 @@ class Config:
     barge_in_ms: int = field(default=400, metadata={"help": "without the state head: user speech that stops the agent mid-reply"})
     cut_in: str = field(default="hold", metadata={"help": "the agent's voice when the user starts talking over it: hold (pause at once, go on where it stopped if the head rejects the cut-in) or duck (12 dB lower until judged)"})
     cut_in_judge_ms: int = field(default=280, metadata={"help": "voiced ms of a cut-in before the state head first judges it (judged by the step; 200 judged at the chunk's end was 200-360)"})
+    cut_in_int8: bool = field(default=True, metadata={"help": "the cut-in judge computes the agent's words and the cut-in's through the LLM's int8 decoding copies, on one thread (llm_dtype dual-int8): 3 tokens in 97 ms instead of 204 on a 2-core AVX2 EPYC; on 300 held-out cut-ins 293 verdicts the same, 279 right against 278 (docs/BENCHMARKS.md)"})
     hold_max_ms: int = field(default=1500, metadata={"help": "a held voice gives way to a cut-in still talking after this long that the head has not rejected"})
     distant_db: float = field(default=5.0, metadata={"help": "speech this many dB below the user's own voice (measured on the turns answered) is someone else: no hold, no turn (0: off)"})
     max_history_turns: int = field(default=8, metadata={"help": "conversation turns kept for the LLM"})

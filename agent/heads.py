@@ -128,14 +128,15 @@ def head_prompt_ids(tokenizer, messages: list[dict], partial_text: str, agent_re
     return tokenizer(text[:text.rindex(_CUT)], add_special_tokens=False)["input_ids"]
 
 
-def chunk_hidden(llm, cache, messages: list[dict], partial_text: str, agent_reply: str | None = None) -> torch.Tensor:
+def chunk_hidden(llm, cache, messages: list[dict], partial_text: str, agent_reply: str | None = None,
+                 fast: bool = False) -> torch.Tensor:
     """Model worker thread: extend ``cache`` (a ``PrefixCache``) to the heads'
     prompt and return the hidden state at its last token, [hidden_size] float32.
 
     Only the tokens after the common prefix are computed: from one chunk to the
-    next that is the revised end of the partial text.
+    next that is the revised end of the partial text. ``fast``: see ``ChatLLM.extend``.
     """
-    llm.extend(cache, head_prompt_ids(llm.tokenizer, messages, partial_text, agent_reply))
+    llm.extend(cache, head_prompt_ids(llm.tokenizer, messages, partial_text, agent_reply), fast=fast)
     return cache.hidden
 
 

@@ -54,7 +54,8 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 @dataclass
 class DecodeSwitch:
     """Shared by one model's linear layers: ``on`` while ``ChatLLM.generate`` runs a
-    forward (then layers with an int8 copy use it); off for every other forward."""
+    forward, or an ``extend`` asked to be fast (then layers with an int8 copy use
+    it); off for every other forward."""
 
     on: bool = False
 
@@ -74,8 +75,9 @@ class DualPrecisionLinear(torch.nn.Module):
     ``switch``: also keep an int8 copy (dynamic quantization, per output channel)
     for the reply's decoding. Measured on one core of this machine, one row:
     896x4864 0.88 ms bf16 -> 0.16 ms int8; the 151936-token output head 28 -> 8.7
-    ms. Only ``generate`` turns it on: the state heads read hidden states of the
-    other forwards, which stay as they were trained.
+    ms. Only ``generate`` and a fast ``extend`` (a cut-in's few words) turn it
+    on: the state heads read hidden states of the other forwards, which stay as
+    they were trained.
     """
 
     def __init__(self, linear: torch.nn.Linear, keep_float32: bool = True, max_rows_bf16: int = 4,
@@ -188,16 +190,24 @@ class ChatLLM:
         return list(ids)
 
     @torch.inference_mode()
-    def extend(self, cache: PrefixCache, ids: list[int], hidden_at: int | None = None) -> int:
+    def extend(self, cache: PrefixCache, ids: list[int], hidden_at: int | None = None, fast: bool = False) -> int:
         """Make ``cache`` hold exactly ``ids``, reusing the common prefix.
 
         ``hidden_at``: also compute from this position on at least, and leave the
         hidden state there in ``cache.hidden`` (default: the last position).
+        ``fast``: compute the new tokens through the int8 copies the reply decodes
+        with, where the model has them ("dual-int8"): for the few tokens of a
+        cut-in, whose verdict is waited for. Their states are not quite those the
+        heads were trained on (``train_heads.compare_fast`` measures the verdicts).
         Returns the number of tokens actually computed (the prefill cost).
         """
         from transformers import DynamicCache
 
-        torch.set_num_threads(self.prefill_threads)
+        # A fast extend's few rows are bound by reading the weights, as decoding
+        # is, and run beside the voice's synthesis: one thread. Measured (3-token
+        # extends, 2-core AVX2 EPYC, p50): int8 79 ms on 1 thread, 59 on 2 idle,
+        # but 74 against 201 ms with Piper synthesizing beside it.
+        torch.set_num_threads(self.decode_threads if fast else self.prefill_threads)
         keep = common_prefix(cache.ids, ids)
         if (keep == len(ids) == len(cache.ids) and hidden_at is None
                 and (cache.last is not None or cache.logits is not None)):
@@ -214,7 +224,11 @@ class ChatLLM:
         # No output head here: most extends are listening, whose state the heads
         # read, and the head's 151k-row multiply (~25 ms on one row in bf16) is
         # done by ``logits`` for the one that precedes generation.
-        out = self.model.base_model(input_ids=new, past_key_values=cache.kv, use_cache=True)
+        self.decode_switch.on = fast
+        try:
+            out = self.model.base_model(input_ids=new, past_key_values=cache.kv, use_cache=True)
+        finally:
+            self.decode_switch.on = False
         states = out.last_hidden_state[0]
         cache.ids, cache.last, cache.logits = list(ids), states[-1].float(), None
         cache.hidden = states[at - keep].float()

@@ -767,13 +767,27 @@ class Session:
             if reply is self._reply and not reply.cancel.is_set():
                 # Before the first group has played, the one playing stands in for it.
                 said = reply.played_groups or (reply.decoder.spoken_text[:1] if reply.decoder else [])
-                chunk_hidden(self.engine.llm, self._listen_cache, messages, "", " ".join(said) or None)
+                t0, before = time.perf_counter(), len(self._listen_cache.ids)
+                chunk_hidden(self.engine.llm, self._listen_cache, messages, "", " ".join(said) or None,
+                             fast=self.config.cut_in_int8)
+                log.debug("cut-in judge warmed: %d tokens in the cache before, %d now, %.0f ms",
+                          before, len(self._listen_cache.ids), (time.perf_counter() - t0) * 1000)
 
-        messages = [{"role": "system", "content": self.system_prompt}] + self.history
+        messages = self._conversation(reply)
         self._warming = True
         job = asyncio.wrap_future(self.engine.model_worker.run_urgent(warm))
         self._tasks.add(job)
         job.add_done_callback(self._tasks.discard)
+
+    def _conversation(self, reply: Reply | None = None) -> list[dict]:
+        """The system prompt and the history; with ``reply``, also the user turn it
+        answers (not in the history until it is over). The cut-in judge's prompt
+        needs it before the agent's words: the heads were trained on a user turn
+        and then the reply being spoken, and the reply's prompt begins so."""
+        messages = [{"role": "system", "content": self.system_prompt}] + self.history
+        if reply is not None and reply.user_text:
+            messages.append({"role": "user", "content": reply.user_text})
+        return messages
 
     def _judge_cut_in(self) -> None:
         """Ask the state head whether the user's speech over the agent is meant to
@@ -783,7 +797,7 @@ class Session:
         self._judging = True
         self._judged_voiced_ms = ep.voiced_ms_in_turn
         cut_in = self._cut_in_id
-        messages = [{"role": "system", "content": self.system_prompt}] + self.history
+        messages = self._conversation(reply)
         timing = Timing(ep.silence_ms, ep.voiced_ms_in_turn, True)
         # The agent's side: the groups played whole. The word being spoken changes
         # every chunk, and with it the LLM's prompt from that point on.
@@ -827,7 +841,10 @@ class Session:
             # Whisper is guessing (a hum, a cough, the first syllable of a word):
             # no verdict on guesses; listen to more of it.
             return "continue", None, text
-        hidden = chunk_hidden(self.engine.llm, self._listen_cache, messages, text, heard or None)
+        # The agent's voice is held until this verdict comes: the cut-in's few
+        # words go through the int8 copies unless told not to (cut_in_int8).
+        hidden = chunk_hidden(self.engine.llm, self._listen_cache, messages, text, heard or None,
+                              fast=self.config.cut_in_int8)
         verdict = self.engine.head.decide(hidden, timing)
         return verdict.label, verdict.by_label(), text
 
@@ -962,7 +979,7 @@ class Session:
 
     def _open_turn(self, frames: list[np.ndarray]) -> UserTurn:
         self._turn_count += 1
-        messages = [{"role": "system", "content": self.system_prompt}] + self.history
+        messages = self._conversation()
         turn = UserTurn(self._turn_count, messages, frames=list(frames), opened_at=self.now,
                         speech_ms=self._endpointer.voiced_ms_in_turn, voiced_mark=self._endpointer.voiced_ms_in_turn)
         self._held = []
@@ -1068,7 +1085,7 @@ class Session:
         loop = asyncio.get_running_loop()
         engine = self.engine
         t0 = time.monotonic()
-        messages = [{"role": "system", "content": self.system_prompt}] + self.history
+        messages = self._conversation()
         if reply.turn is not None:
             # Streaming: the words are in; the transcriber's last step and the
             # prompt's last tokens are all that is left.
@@ -1118,6 +1135,11 @@ class Session:
         llm = self.engine.llm
         t0 = time.monotonic()
         reply.prefill_tokens += llm.extend(self.cache, llm.prompt_ids(messages))
+        # The cut-in judge's prompt begins as this one does: from a copy, its
+        # warm-up as the voice starts computes the words played, not the whole
+        # conversation again in the reply's way (on a 2-core AVX2 EPYC the first
+        # two groups of a reply came 1.4-4.2 s apart behind that prefill).
+        self.cache.copy(into=self._listen_cache)
         pieces = []
         def alone() -> bool:  # the voice waits for its first group: nothing else to compute
             return not reply.decoder.spoken_text

@@ -384,3 +384,39 @@ def test_a_cut_in_first_heard_as_a_guess_is_judged_again_as_soon_as_its_words_st
     assert judged_at[0] == 0 and after_the_words
     assert END_STEP_MS <= after_the_words[0] < CUT_IN_PAUSE_MS
     assert [e["reason"] for e in events_of(out) if e["type"] == "agent_speech_end"] == ["finished"]
+
+
+def test_the_cut_in_judge_hears_the_question_being_answered_and_warms_up_on_the_agents_words_only(
+        engine, tmp_path, monkeypatch):
+    # The heads were trained on a user turn, then the reply being spoken; the
+    # judge's cache starts from the reply's own prompt, so its first warm-up
+    # computes the words played and the template around them, not the system
+    # prompt and the question again.
+    import agent.heads
+    from agent.llm import common_prefix
+    from agent.session import Session
+
+    real_chunk_hidden = agent.heads.chunk_hidden
+    warm_ups, judged = [], []
+
+    def chunk_hidden(llm, cache, messages, partial_text, agent_reply=None, fast=False):
+        before = list(cache.ids)
+        hidden = real_chunk_hidden(llm, cache, messages, partial_text, agent_reply, fast)
+        if partial_text == "":
+            warm_ups.append((len(before), common_prefix(before, cache.ids), len(cache.ids)))
+        return hidden
+
+    def judge(self, audio, messages, heard, timing, heard_at):
+        judged.append(messages)
+        return "reject", {"continue": 0.01, "interrupt": 0.01, "reject": 0.98}, "Yeah."
+
+    monkeypatch.setattr(agent.heads, "chunk_hidden", chunk_hidden)
+    monkeypatch.setattr(Session, "_judge", judge)
+    out, _ = replay(engine, tmp_path,
+                    Utterance(say("Tell me about the ocean in three sentences.", tmp_path, "q1"), delay=0.3),
+                    Utterance(say("Yeah.", tmp_path, "bc"), delay=1.0, trigger="agent_start"))
+    question = next(e["text"] for e in events_of(out) if e["type"] == "transcript")
+    assert judged and all(m[-1] == {"role": "user", "content": question} for m in judged)
+    before, kept, total = warm_ups[0]
+    assert before > 0 and kept == before  # all of the reply's prompt reused ...
+    assert total - kept < kept  # ... and fewer tokens computed than that

@@ -22,7 +22,7 @@ LISTENING, SPEAKING = Timing(0, 0, False), Timing(0, 0, True)
 
 @pytest.fixture(scope="module")
 def qwen():
-    llm = ChatLLM(models.ensure(config_from().cache_dir, "qwen2.5-0.5b"), threads=1)
+    llm = ChatLLM(models.ensure(config_from().cache_dir, "qwen2.5-0.5b"), threads=1, dtype="dual-int8")
     return llm, StateHead.load("qwen2.5-0.5b")
 
 
@@ -168,11 +168,16 @@ def test_a_pinned_phrase_is_always_trained_on():
 # -- behaviour on the real model ---------------------------------------------------------------------
 
 
-def decide(qwen, text: str, timing: Timing, agent_reply: str | None = None) -> str:
+def decide(qwen, text: str, timing: Timing, agent_reply: str | None = None, fast: bool = False) -> str:
+    """``fast``: as a cut-in is judged: the prompt up to the user's words warmed
+    first, then only the words computed, through the int8 decoding copies."""
     llm, head = qwen
     history = SYSTEM + [{"role": "user", "content": "Hi, I'm planning a trip to the city."}] + \
         ([] if agent_reply else [{"role": "assistant", "content": "Nice! How can I help with your trip?"}])
-    return head.decide(chunk_hidden(llm, PrefixCache(), history, text, agent_reply), timing).label
+    cache = PrefixCache()
+    if fast:
+        chunk_hidden(llm, cache, history, "", agent_reply)
+    return head.decide(chunk_hidden(llm, cache, history, text, agent_reply, fast=fast), timing).label
 
 
 REPLY = "The museum opens at nine in the morning, and on Sundays it stays open until"
@@ -186,9 +191,11 @@ def test_a_phrase_cut_mid_clause_keeps_the_agent_listening(qwen):
     assert decide(qwen, "Can you tell me how to get to the", Timing(300, 1800, False)) == "continue"
 
 
-def test_a_backchannel_while_the_agent_speaks_is_ignored(qwen):
-    assert decide(qwen, "Mm-hmm.", Timing(200, 400, True), REPLY) == "reject"
+@pytest.mark.parametrize("fast", [False, True], ids=["as-trained", "int8-words"])
+def test_a_backchannel_while_the_agent_speaks_is_ignored(qwen, fast):
+    assert decide(qwen, "Mm-hmm.", Timing(200, 400, True), REPLY, fast) == "reject"
 
 
-def test_wait_stop_while_the_agent_speaks_interrupts_it(qwen):
-    assert decide(qwen, "Wait, stop.", Timing(100, 700, True), REPLY) == "interrupt"
+@pytest.mark.parametrize("fast", [False, True], ids=["as-trained", "int8-words"])
+def test_wait_stop_while_the_agent_speaks_interrupts_it(qwen, fast):
+    assert decide(qwen, "Wait, stop.", Timing(100, 700, True), REPLY, fast) == "interrupt"

@@ -83,6 +83,31 @@ def test_int8_decoding_leaves_every_other_forward_as_it_was_and_still_speaks():
     assert not torch.equal(after[0], after[1])  # ... while the reply's own forwards did run in int8
 
 
+def test_a_fast_extend_takes_the_int8_copies_only_where_the_model_has_them():
+    """A cut-in's words (``extend(fast=True)``) go through the reply's int8 copies
+    under dual-int8, and leave the switch off; under "dual" fast changes nothing."""
+    from agent import models
+    from agent.config import config_from
+    from agent.llm import ChatLLM
+
+    path = models.ensure(config_from().cache_dir, "smollm2-135m")
+    dual, int8 = ChatLLM(path, threads=2, dtype="dual"), ChatLLM(path, threads=2, dtype="dual-int8")
+    ids = chat(dual, "Name three colours.")
+    hidden = {}
+    for name, llm in (("dual", dual), ("int8", int8)):
+        for fast in (False, True):
+            cache = PrefixCache()
+            llm.extend(cache, ids[:-3])
+            assert llm.extend(cache, ids, fast=fast) == 3
+            assert not llm.decode_switch.on
+            hidden[name, fast] = cache.hidden
+    assert torch.equal(hidden["dual", True], hidden["dual", False])
+    assert torch.equal(hidden["int8", False], hidden["dual", False])
+    assert not torch.equal(hidden["int8", True], hidden["int8", False])
+    # int8 rounding, not another computation: the state still points the same way.
+    assert torch.nn.functional.cosine_similarity(hidden["int8", True], hidden["int8", False], dim=0) > 0.9
+
+
 def test_a_copied_cache_is_independent_of_its_original(small_llm):
     base = chat(small_llm, "Hello there.")
     original = PrefixCache()
