@@ -170,6 +170,7 @@ class ChatLLM:
         # "dual" keeps float32 copies for prefill only where bf16 is not multiplied
         # natively (``bf16_prefill`` None: as the CPU says).
         self.bf16_prefill = dtype in ("dual", "dual-int8") and (native_bf16() if bf16_prefill is None else bf16_prefill)
+        self.int8 = dtype == "dual-int8"  # the linear layers carry int8 copies (``fast`` extends use them)
         if dtype in ("dual", "dual-int8"):
             use_dual_precision(self.model, self.decode_switch if dtype == "dual-int8" else None, self.bf16_prefill)
         self.model.eval()
@@ -203,6 +204,7 @@ class ChatLLM:
         """
         from transformers import DynamicCache
 
+        fast = fast and self.int8  # without the copies it is an ordinary extend, threads included
         # A fast extend's few rows are bound by reading the weights, as decoding
         # is, and run beside the voice's synthesis: one thread. Measured (3-token
         # extends, 2-core AVX2 EPYC, p50): int8 79 ms on 1 thread, 59 on 2 idle,

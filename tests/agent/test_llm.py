@@ -4,6 +4,7 @@ Mechanics only, so the small SmolLM2-135M stands in for the chat model.
 """
 import threading
 
+import pytest
 import torch
 
 from agent.llm import PrefixCache, common_prefix
@@ -59,15 +60,21 @@ def test_generation_streams_text_keeps_the_cache_consistent_and_stops_on_cancel(
     assert list(small_llm.generate(cache, 12, stop)) == []
 
 
-def test_int8_decoding_leaves_every_other_forward_as_it_was_and_still_speaks():
-    """dual-int8 quantizes only the reply's token-by-token forwards: the hidden
-    states the state heads read (prefills, short extends) are those of "dual"."""
+@pytest.fixture(scope="module")
+def dual_and_int8():
+    """The small model loaded as "dual" and as "dual-int8"."""
     from agent import models
     from agent.config import config_from
     from agent.llm import ChatLLM
 
     path = models.ensure(config_from().cache_dir, "smollm2-135m")
-    dual, int8 = ChatLLM(path, threads=2, dtype="dual"), ChatLLM(path, threads=2, dtype="dual-int8")
+    return ChatLLM(path, threads=2, dtype="dual"), ChatLLM(path, threads=2, dtype="dual-int8")
+
+
+def test_int8_decoding_leaves_every_other_forward_as_it_was_and_still_speaks(dual_and_int8):
+    """dual-int8 quantizes only the reply's token-by-token forwards: the hidden
+    states the state heads read (prefills, short extends) are those of "dual"."""
+    dual, int8 = dual_and_int8
     ids = chat(dual, "Name three colours.")
     states, after = [], []
     for llm in (dual, int8):
@@ -83,15 +90,10 @@ def test_int8_decoding_leaves_every_other_forward_as_it_was_and_still_speaks():
     assert not torch.equal(after[0], after[1])  # ... while the reply's own forwards did run in int8
 
 
-def test_a_fast_extend_takes_the_int8_copies_only_where_the_model_has_them():
+def test_a_fast_extend_takes_the_int8_copies_only_where_the_model_has_them(dual_and_int8):
     """A cut-in's words (``extend(fast=True)``) go through the reply's int8 copies
     under dual-int8, and leave the switch off; under "dual" fast changes nothing."""
-    from agent import models
-    from agent.config import config_from
-    from agent.llm import ChatLLM
-
-    path = models.ensure(config_from().cache_dir, "smollm2-135m")
-    dual, int8 = ChatLLM(path, threads=2, dtype="dual"), ChatLLM(path, threads=2, dtype="dual-int8")
+    dual, int8 = dual_and_int8
     ids = chat(dual, "Name three colours.")
     hidden = {}
     for name, llm in (("dual", dual), ("int8", int8)):
@@ -100,6 +102,8 @@ def test_a_fast_extend_takes_the_int8_copies_only_where_the_model_has_them():
             llm.extend(cache, ids[:-3])
             assert llm.extend(cache, ids, fast=fast) == 3
             assert not llm.decode_switch.on
+            # One thread only for the int8 rows; without them, an ordinary extend's threads.
+            assert torch.get_num_threads() == (1 if fast and name == "int8" else 2)
             hidden[name, fast] = cache.hidden
     assert torch.equal(hidden["dual", True], hidden["dual", False])
     assert torch.equal(hidden["int8", False], hidden["dual", False])
