@@ -64,6 +64,17 @@ def small_llm():
     return ChatLLM(models.ensure(config_from().cache_dir, "smollm2-135m"), threads=2, dtype="float32")
 
 
+@pytest.fixture(scope="session")
+def dual_and_int8():
+    """The small model loaded as "dual" and as "dual-int8" (with the int8 copies
+    the reply decodes with): for the mechanics of which forward uses which."""
+    from agent import models
+    from agent.llm import ChatLLM
+
+    path = models.ensure(config_from().cache_dir, "smollm2-135m")
+    return ChatLLM(path, threads=2, dtype="dual"), ChatLLM(path, threads=2, dtype="dual-int8")
+
+
 def say(text: str, tmp_path: Path, name: str) -> np.ndarray:
     """``text`` spoken by flite as float32 16 kHz samples (kept as ``tmp_path/name.wav``)."""
     return load_audio(synthesize(text, tmp_path / f"{name}.wav"), SAMPLE_RATE)
@@ -82,3 +93,11 @@ def replay(engine, tmp_path: Path, *utterances) -> tuple[Path, dict]:
 
 def events_of(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+
+
+def timeline(events: list[dict]) -> str:
+    """The events that tell a run's story (not every chunk's "continue"), one a
+    line: what a failed timing assertion shows."""
+    told = [e for e in events if e["type"] != "agent_text" and e.get("decision") != "continue"]
+    return "\n".join(f'{e["t"]:6.2f} {e["type"]} {e.get("decision") or e.get("text") or e.get("state") or ""}'
+                     for e in told)

@@ -60,17 +60,6 @@ def test_generation_streams_text_keeps_the_cache_consistent_and_stops_on_cancel(
     assert list(small_llm.generate(cache, 12, stop)) == []
 
 
-@pytest.fixture(scope="module")
-def dual_and_int8():
-    """The small model loaded as "dual" and as "dual-int8"."""
-    from agent import models
-    from agent.config import config_from
-    from agent.llm import ChatLLM
-
-    path = models.ensure(config_from().cache_dir, "smollm2-135m")
-    return ChatLLM(path, threads=2, dtype="dual"), ChatLLM(path, threads=2, dtype="dual-int8")
-
-
 def test_int8_decoding_leaves_every_other_forward_as_it_was_and_still_speaks(dual_and_int8):
     """dual-int8 quantizes only the reply's token-by-token forwards: the hidden
     states the state heads read (prefills, short extends) are those of "dual"."""
