@@ -191,15 +191,19 @@ class ChatLLM:
         return list(ids)
 
     @torch.inference_mode()
-    def extend(self, cache: PrefixCache, ids: list[int], hidden_at: int | None = None, fast: bool = False) -> int:
+    def extend(self, cache: PrefixCache, ids: list[int], hidden_at: int | None = None, fast: bool = False,
+               threads: int | None = None) -> int:
         """Make ``cache`` hold exactly ``ids``, reusing the common prefix.
 
         ``hidden_at``: also compute from this position on at least, and leave the
         hidden state there in ``cache.hidden`` (default: the last position).
         ``fast``: compute the new tokens through the int8 copies the reply decodes
         with, where the model has them ("dual-int8"): for the few tokens of a
-        cut-in, whose verdict is waited for. Their states are not quite those the
-        heads were trained on (``train_heads.compare_fast`` measures the verdicts).
+        cut-in, whose verdict is waited for, or the user's words while the agent is
+        silent. Their states are not quite those the heads were trained on
+        (``train_heads.compare_fast`` measures the verdicts). ``threads``: torch
+        threads for this forward (default: ``decode_threads`` for a fast extend,
+        ``prefill_threads`` otherwise).
         Returns the number of tokens actually computed (the prefill cost).
         """
         from transformers import DynamicCache
@@ -209,7 +213,7 @@ class ChatLLM:
         # is, and run beside the voice's synthesis: one thread. Measured (3-token
         # extends, 2-core AVX2 EPYC, p50): int8 79 ms on 1 thread, 59 on 2 idle,
         # but 74 against 201 ms with Piper synthesizing beside it.
-        torch.set_num_threads(self.decode_threads if fast else self.prefill_threads)
+        torch.set_num_threads(threads or (self.decode_threads if fast else self.prefill_threads))
         keep = common_prefix(cache.ids, ids)
         if (keep == len(ids) == len(cache.ids) and hidden_at is None
                 and (cache.last is not None or cache.logits is not None)):

@@ -560,13 +560,16 @@ def evaluate_shipped(llm_name: str, cache_dir: Path | None = None, sizes: Sizes 
     return evaluate(StateHead.load(llm_name), feats.select("eval"))
 
 
-def compare_fast(llm_name: str, taps: int = 400, seed: int = 0, log: Callable[[str], None] = print) -> dict:
+def compare_fast(llm_name: str, taps: int = 400, seed: int = 0, listening: bool = False,
+                 log: Callable[[str], None] = print) -> dict:
     """The shipped head's verdicts on held-out cut-ins (samples said over the
     agent) computed three ways, one sample at a time after a warm cache, as the
     session's judge does: all as the head was trained (``extend``); the cut-in's
     words through the int8 decoding copies (``extend(fast=True)``); and the
     agent's words before them too (the warm-up made fast). ``taps`` samples drawn
-    at random; the time of the cut-in's words by tokens computed."""
+    at random; the time of the cut-in's words by tokens computed.
+    ``listening``: samples said while the agent is silent instead, two ways (as
+    trained; the words in int8 on every prefill thread, as the session hears them)."""
     import statistics
 
     from agent import models
@@ -576,10 +579,12 @@ def compare_fast(llm_name: str, taps: int = 400, seed: int = 0, log: Callable[[s
     cfg = config_from()
     llm = ChatLLM(models.ensure(cfg.cache_dir, llm_name), cfg.torch_threads, "dual-int8")
     head = StateHead.load(llm_name)
-    rows = [(s, t) for s in dataset() if s.split == "eval" and s.context.agent_reply for t in s.taps]
+    rows = [(s, t) for s in dataset() if s.split == "eval" and bool(s.context.agent_reply) != listening
+            for t in s.taps]
     random.Random(seed).shuffle(rows)
     rows = rows[:taps]
-    ways = ("trained", "words", "all")
+    ways = ("trained", "words") if listening else ("trained", "words", "all")
+    threads = llm.prefill_threads if listening else None
     warm: dict[tuple[tuple[int, ...], bool], PrefixCache] = {}
     same = Counter()
     right = Counter()
@@ -587,17 +592,18 @@ def compare_fast(llm_name: str, taps: int = 400, seed: int = 0, log: Callable[[s
     for n, (s, t) in enumerate(rows):
         msgs = _messages(cfg.system_prompt, s.context)
         start = head_prompt_ids(llm.tokenizer, msgs, "", s.context.agent_reply)
-        for reply_fast in (False, True):
+        for reply_fast in (False,) if listening else (False, True):
             if (tuple(start), reply_fast) not in warm:
                 cache = warm[tuple(start), reply_fast] = PrefixCache()
-                llm.extend(cache, llm.prompt_ids(msgs))  # the reply's prompt, computed as trained
-                llm.extend(cache, start, fast=reply_fast)  # then the agent's words
+                if not listening:
+                    llm.extend(cache, llm.prompt_ids(msgs))  # the reply's prompt, computed as trained
+                llm.extend(cache, start, fast=reply_fast)  # then the agent's words (listening: the user's turn opens)
         ids = head_prompt_ids(llm.tokenizer, msgs, s.text[:t.n_chars], s.context.agent_reply)
         labels = {}
         for way in (ways if n % 2 else ways[::-1]):  # alternate: no way always runs first
             cache = warm[tuple(start), way == "all"].copy()
             t0 = time.perf_counter()
-            k = llm.extend(cache, ids, fast=way != "trained")
+            k = llm.extend(cache, ids, fast=way != "trained", threads=threads)
             ms[way][k].append((time.perf_counter() - t0) * 1000)
             labels[way] = decide_label(head.probs(cache.hidden[None], timing_vector(t.timing)[None])[0].tolist())
             right[way] += labels[way] == LABELS[t.label]
@@ -608,8 +614,12 @@ def compare_fast(llm_name: str, taps: int = 400, seed: int = 0, log: Callable[[s
                     f"{labels[way]} with {way} in int8")
     report = {"taps": len(rows), "same": dict(same), "right": dict(right),
               "ms_p50": {way: {k: statistics.median(v) for k, v in sorted(by.items())} for way, by in ms.items()}}
-    log(f"{llm_name}, {len(rows)} cut-ins: verdicts as trained with the words in int8 {same['words']}, with the "
-        f"agent's words too {same['all']}; right: {right['trained']} as trained, {right['words']}, {right['all']}")
+    if listening:
+        log(f"{llm_name}, {len(rows)} samples heard while the agent is silent: verdicts as trained with the words "
+            f"in int8 {same['words']}; right: {right['trained']} as trained, {right['words']}")
+    else:
+        log(f"{llm_name}, {len(rows)} cut-ins: verdicts as trained with the words in int8 {same['words']}, with the "
+            f"agent's words too {same['all']}; right: {right['trained']} as trained, {right['words']}, {right['all']}")
     for k in sorted(ms["words"]):
         log(f"  {k} tokens: as trained {report['ms_p50']['trained'][k]:.0f} ms, int8 {report['ms_p50']['words'][k]:.0f} ms"
             f" (p50 of {len(ms['words'][k])})")
@@ -624,7 +634,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval", action="store_true", help="print per-class figures on the held-out split")
     p.add_argument("--eval-only", action="store_true", help="evaluate the shipped head, train nothing")
     p.add_argument("--compare-fast", type=int, metavar="N", default=0,
-                   help="the shipped head's verdicts on N held-out samples computed as trained and in int8, one at a time")
+                   help="the shipped head's verdicts on N held-out cut-ins and N samples heard while the agent is silent, "
+                        "computed as trained and in int8, one at a time")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     from agent.config import config_from
@@ -632,7 +643,8 @@ def main(argv: list[str] | None = None) -> int:
     names = LLMS if args.all else (args.llm or config_from().llm,)
     for name in names:
         if args.compare_fast:
-            compare_fast(name, args.compare_fast, args.seed)
+            for listening in (False, True):
+                compare_fast(name, args.compare_fast, args.seed, listening)
             continue
         if args.eval_only:
             report = evaluate_shipped(name, seed=args.seed)

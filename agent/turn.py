@@ -90,7 +90,7 @@ class UserTurn:
         # The prompt's end is computed with the words the transcriber takes once the
         # speech stops: if the turn ends there, nothing is left to prefill.
         self.adapter = TextAdapter(engine.llm, cache, tentative=True,
-                                   end_guess_ms=self.transcriber.options.end_step_ms)
+                                   end_guess_ms=self.transcriber.options.end_step_ms, int8=cfg.listen_int8)
         self.adapter.begin(self.messages)
 
     def listen(self, engine, cache, audio: np.ndarray, ahead: bool = False) -> Heard:

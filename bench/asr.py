@@ -153,7 +153,7 @@ def end_to_final_ms(hyps, fallback_ms: float) -> float:
     return h.silence_ms + h.compute_ms
 
 
-def prefill_costs(llm, system_prompt: str, hyps, final_text: str) -> dict:
+def prefill_costs(llm, system_prompt: str, hyps, final_text: str, int8: bool = False) -> dict:
     """End-of-turn prefill with the adapter fed chunk by chunk, and without (the
     whole user message prefilled once the turn has ended)."""
     from agent.llm import PrefixCache
@@ -169,7 +169,7 @@ def prefill_costs(llm, system_prompt: str, hyps, final_text: str) -> dict:
     without_tokens = llm.extend(base, full)
     without_ms = (time.perf_counter() - t0) * 1000
 
-    adapter = TextAdapter(llm, cache, end_guess_ms=StreamingOptions().end_step_ms)  # as agent/turn.py
+    adapter = TextAdapter(llm, cache, end_guess_ms=StreamingOptions().end_step_ms, int8=int8)  # as agent/turn.py
     adapter.begin(messages)
     during = [adapter.update(h) for h in hyps]
     end = adapter.finalize(final_text)
@@ -309,7 +309,7 @@ def run(config: Config, out_path: Path | None = None, limit: int | None = None,
         costs = []
         for r in rows[:adapter_limit]:
             if r["streaming"]:
-                costs.append(prefill_costs(llm, config.system_prompt, r["_hyps"], r["streaming"]))
+                costs.append(prefill_costs(llm, config.system_prompt, r["_hyps"], r["streaming"], config.listen_int8))
         result["prefill"] = {
             "llm": config.llm, "utterances": len(costs),
             "without_tokens_p50": pct([c["without_tokens"] for c in costs], 50),

@@ -75,14 +75,19 @@ class TextAdapter:
 
     tentative: also prefill the tentative words (a few tokens per chunk, mostly
     kept). end_guess_ms: after this much trailing silence, also prefill the
-    template's tail. All calls block: run them in the model worker thread.
+    template's tail. int8: the words and the tail go through the LLM's int8
+    decoding copies (``ChatLLM.extend(fast=True)``) on every prefill thread; the
+    head (system prompt, history) is computed as the state heads were trained.
+    All calls block: run them in the model worker thread.
     """
 
-    def __init__(self, llm: ChatLLM, cache: PrefixCache, tentative: bool = True, end_guess_ms: int = 200):
+    def __init__(self, llm: ChatLLM, cache: PrefixCache, tentative: bool = True, end_guess_ms: int = 200,
+                 int8: bool = False):
         self.llm = llm
         self.cache = cache
         self.tentative = tentative
         self.end_guess_ms = end_guess_ms
+        self.int8 = int8
         self._head = self._tail = ""
         self._text, self._with_tail = None, False  # what the cache holds after head
         self.hidden = None  # the LLM's last-layer state at the last word heard (for the state heads)
@@ -92,15 +97,16 @@ class TextAdapter:
         # ids of head + words are exactly those the template would give.
         return self.llm.tokenizer.encode(text, add_special_tokens=False)
 
-    def _extend(self, prompt: str) -> Prefill:
+    def _extend(self, ids: list[int], hidden_at: int | None = None, words: bool = True) -> Prefill:
         t0 = time.perf_counter()
-        n = self.llm.extend(self.cache, self._ids(prompt))
+        n = self.llm.extend(self.cache, ids, hidden_at=hidden_at, fast=self.int8 and words,
+                            threads=self.llm.prefill_threads)
         return Prefill(n, (time.perf_counter() - t0) * 1000)
 
     def begin(self, messages: list[dict]) -> Prefill:
         self._head, self._tail = split_template(self.llm, messages)
         self._text, self._with_tail, self.hidden = None, False, None
-        return self._extend(self._head)
+        return self._extend(self._ids(self._head), words=False)
 
     def update(self, hyp: Hypothesis) -> Prefill:
         """Also leaves ``hidden`` at the LLM's state after the last word (before
@@ -110,13 +116,12 @@ class TextAdapter:
         guess_end = bool(text) and self.tentative and hyp.silence_ms >= self.end_guess_ms
         if text == self._text and (self._with_tail or not guess_end):
             return Prefill(0, 0.0)  # nothing new heard: no rollback of a speculated tail either
-        t0 = time.perf_counter()
         words = self._ids(self._head + text)
         ids = self._ids(self._head + text + self._tail) if guess_end else words
-        n = self.llm.extend(self.cache, ids, hidden_at=self._last_word(words, text))
+        prefill = self._extend(ids, hidden_at=self._last_word(words, text))
         self.hidden = self.cache.hidden
         self._text, self._with_tail = text, guess_end
-        return Prefill(n, (time.perf_counter() - t0) * 1000)
+        return prefill
 
     def _last_word(self, words: list[int], text: str) -> int:
         """Position of the last word's last token. Whisper closes a window that ends
@@ -130,4 +135,4 @@ class TextAdapter:
 
     def finalize(self, text: str) -> Prefill:
         self._text, self._with_tail = text.strip(), True
-        return self._extend(self._head + text.strip() + self._tail)
+        return self._extend(self._ids(self._head + text.strip() + self._tail))

@@ -102,3 +102,23 @@ def test_the_state_after_the_last_word_is_kept_for_the_heads_with_the_end_specul
     adapter.update(hyp("Is it going", "", silence_ms=300))
     shorter = fresh(small_llm, ids_after_head(small_llm, "Is it going"))
     assert torch.allclose(adapter.hidden, shorter.hidden, atol=1e-4)
+
+
+def test_with_int8_the_words_go_through_the_int8_copies_on_every_thread_and_the_head_as_trained(dual_and_int8):
+    """The user's words (and the template's tail) take the int8 copies the reply
+    decodes with, on every prefill thread (the agent is silent: nothing else
+    computes); the system prompt and history stay as the heads were trained."""
+    dual, int8 = dual_and_int8
+    heads, hidden, ids = [], [], []
+    for llm, options in ((dual, {}), (int8, {"int8": True})):
+        adapter, cache = started(llm, **options)
+        heads.append(cache.last)
+        adapter.update(hyp("What is the", " capital of France?"))
+        assert torch.get_num_threads() == 2 and not llm.decode_switch.on
+        hidden.append(adapter.hidden)
+        adapter.finalize("What is the capital of France?")
+        ids.append(cache.ids)
+    assert torch.equal(heads[0], heads[1])  # the head: as trained
+    assert not torch.equal(hidden[0], hidden[1])  # the words: int8
+    assert torch.nn.functional.cosine_similarity(hidden[0], hidden[1], dim=0) > 0.9  # ... and still the same words
+    assert ids[0] == ids[1] == dual.prompt_ids(SYSTEM + [{"role": "user", "content": "What is the capital of France?"}])
