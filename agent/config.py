@@ -100,15 +100,23 @@ class Config:
         return SAMPLE_RATE * self.io_ms // 1000
 
 
-def _parse(kind: type, text: str):
-    if kind is bool:
-        return text.lower() in ("1", "true", "yes", "on")
-    return kind(text)
+def _bool(text: str) -> bool:
+    """A switch's value as written on a command line or in the environment. Not
+    ``bool``: ``bool("false")`` is True, and a switch set to "false" stayed on."""
+    word = text.strip().lower()
+    if word in ("1", "true", "yes", "on"):
+        return True
+    if word in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {text!r}")
 
 
-def _field_type(f: dataclasses.Field) -> type:
+_bool.__name__ = "bool"  # argparse names the type in its error: "invalid bool value: 'maybe'"
+
+
+def _field_type(f: dataclasses.Field):
     # Annotations are strings under `from __future__ import annotations`.
-    return {"int": int, "float": float, "str": str, "Path": Path, "bool": bool}[str(f.type)]
+    return {"int": int, "float": float, "str": str, "Path": Path, "bool": _bool}[str(f.type)]
 
 
 def config_from(env: Mapping[str, str] | None = None, overrides: Mapping[str, object] | None = None) -> Config:
@@ -119,7 +127,7 @@ def config_from(env: Mapping[str, str] | None = None, overrides: Mapping[str, ob
         key = "DUPLEX_" + f.name.upper()
         if key in env:
             try:
-                values[f.name] = _parse(_field_type(f), env[key])
+                values[f.name] = _field_type(f)(env[key])
             except ValueError as e:
                 raise ValueError(f"bad value for {key}: {env[key]!r} ({e})") from None
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})

@@ -30,6 +30,25 @@ def test_bad_values_are_refused_with_the_field_named(field, value):
         Config(**{field: value})
 
 
+@pytest.mark.parametrize("text,value", [("false", False), ("0", False), ("off", False), ("No", False),
+                                        ("true", True), ("1", True), ("on", True), ("Yes", True)])
+def test_a_switch_reads_the_same_from_a_flag_and_from_the_environment(text, value):
+    parser = argparse.ArgumentParser()
+    add_config_flags(parser)
+    assert config_from_args(parser.parse_args(["--listen-int8", text])).listen_int8 is value
+    assert config_from(env={"DUPLEX_LISTEN_INT8": text}).listen_int8 is value
+
+
+def test_a_switch_set_to_anything_else_is_refused(capsys):
+    parser = argparse.ArgumentParser()
+    add_config_flags(parser)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--cut-in-int8", "maybe"])
+    assert "invalid bool value: 'maybe'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="DUPLEX_STREAMING"):
+        config_from(env={"DUPLEX_STREAMING": "fals"})
+
+
 def test_an_unparseable_environment_value_names_the_variable():
     with pytest.raises(ValueError, match="DUPLEX_CHUNK_MS"):
         config_from(env={"DUPLEX_CHUNK_MS": "fast"})
