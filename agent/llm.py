@@ -75,9 +75,9 @@ class DualPrecisionLinear(torch.nn.Module):
     ``switch``: also keep an int8 copy (dynamic quantization, per output channel)
     for the reply's decoding. Measured on one core of this machine, one row:
     896x4864 0.88 ms bf16 -> 0.16 ms int8; the 151936-token output head 28 -> 8.7
-    ms. Only ``generate`` and a fast ``extend`` (a cut-in's few words) turn it
-    on: the state heads read hidden states of the other forwards, which stay as
-    they were trained.
+    ms. Only ``generate`` and a fast ``extend`` (a cut-in's few words, the user's
+    words as they are heard) turn it on; every other forward stays as the state
+    heads were trained (what int8 does to their verdicts: ``train_heads.compare_fast``).
     """
 
     def __init__(self, linear: torch.nn.Linear, keep_float32: bool = True, max_rows_bf16: int = 4,
@@ -210,7 +210,8 @@ class ChatLLM:
 
         fast = fast and self.int8  # without the copies it is an ordinary extend, threads included
         # A fast extend's few rows are bound by reading the weights, as decoding
-        # is, and run beside the voice's synthesis: one thread. Measured (3-token
+        # is, and a cut-in's run beside the voice's synthesis: one thread unless
+        # told (the user's words, heard while the voice is silent). Measured (3-token
         # extends, 2-core AVX2 EPYC, p50): int8 79 ms on 1 thread, 59 on 2 idle,
         # but 74 against 201 ms with Piper synthesizing beside it.
         torch.set_num_threads(threads or (self.decode_threads if fast else self.prefill_threads))

@@ -560,8 +560,22 @@ def evaluate_shipped(llm_name: str, cache_dir: Path | None = None, sizes: Sizes 
     return evaluate(StateHead.load(llm_name), feats.select("eval"))
 
 
-def compare_fast(llm_name: str, taps: int = 400, seed: int = 0, listening: bool = False,
-                 log: Callable[[str], None] = print) -> dict:
+def compare_fast(llm_name: str, taps: int = 400, seed: int = 0, log: Callable[[str], None] = print) -> list[dict]:
+    """``compare_fast_on`` cut-ins and then samples heard while the agent is
+    silent, with the model loaded once."""
+    from agent import models
+    from agent.config import config_from
+    from agent.llm import ChatLLM
+
+    cfg = config_from()
+    llm = ChatLLM(models.ensure(cfg.cache_dir, llm_name), cfg.torch_threads, "dual-int8")
+    head = StateHead.load(llm_name)
+    return [compare_fast_on(llm, head, llm_name, cfg.system_prompt, taps, seed, listening, log)
+            for listening in (False, True)]
+
+
+def compare_fast_on(llm, head: StateHead, llm_name: str, system_prompt: str, taps: int = 400, seed: int = 0,
+                    listening: bool = False, log: Callable[[str], None] = print) -> dict:
     """The shipped head's verdicts on held-out cut-ins (samples said over the
     agent) computed three ways, one sample at a time after a warm cache, as the
     session's judge does: all as the head was trained (``extend``); the cut-in's
@@ -572,13 +586,8 @@ def compare_fast(llm_name: str, taps: int = 400, seed: int = 0, listening: bool 
     trained; the words in int8 on every prefill thread, as the session hears them)."""
     import statistics
 
-    from agent import models
-    from agent.config import config_from
-    from agent.llm import ChatLLM, PrefixCache
+    from agent.llm import PrefixCache
 
-    cfg = config_from()
-    llm = ChatLLM(models.ensure(cfg.cache_dir, llm_name), cfg.torch_threads, "dual-int8")
-    head = StateHead.load(llm_name)
     rows = [(s, t) for s in dataset() if s.split == "eval" and bool(s.context.agent_reply) != listening
             for t in s.taps]
     random.Random(seed).shuffle(rows)
@@ -590,7 +599,7 @@ def compare_fast(llm_name: str, taps: int = 400, seed: int = 0, listening: bool 
     right = Counter()
     ms: dict[str, dict[int, list[float]]] = {way: defaultdict(list) for way in ways}
     for n, (s, t) in enumerate(rows):
-        msgs = _messages(cfg.system_prompt, s.context)
+        msgs = _messages(system_prompt, s.context)
         start = head_prompt_ids(llm.tokenizer, msgs, "", s.context.agent_reply)
         for reply_fast in (False,) if listening else (False, True):
             if (tuple(start), reply_fast) not in warm:
@@ -643,8 +652,7 @@ def main(argv: list[str] | None = None) -> int:
     names = LLMS if args.all else (args.llm or config_from().llm,)
     for name in names:
         if args.compare_fast:
-            for listening in (False, True):
-                compare_fast(name, args.compare_fast, args.seed, listening)
+            compare_fast(name, args.compare_fast, args.seed)
             continue
         if args.eval_only:
             report = evaluate_shipped(name, seed=args.seed)
